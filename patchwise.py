@@ -1,0 +1,1277 @@
+#!/usr/bin/env python3
+"""patchwise: PW-Self, patch-wise self-supervised visual representation learning, in one file.
+
+PW-Self (Javidani, Sadeghi, Araabi, arXiv 2310.18651) is DINO (a student ViT trained to match an
+EMA teacher ViT across augmented views of one image) plus a patch level: every patch of a view is
+colour-augmented on its own, the patches of two views that show the same part of the image are
+found from the crop geometry alone, and the teacher's output for a patch becomes the target of the
+student's output for the matching patch.
+
+Read top to bottom; each section uses only what is above it:
+    configuration -> model -> augmentation -> matching -> loss -> data -> training
+    -> evaluation -> main
+Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify) takes tensors and plain
+values, so it can be copied alone into another project.
+
+    python patchwise.py                                   # CPU demo on a synthetic set, minutes
+    torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+# Each --data value selects a preset; any flag given on the command line overrides it. Flags not
+# in a preset take DEFAULTS, which are DINO's (main_dino.py) unless a comment says otherwise.
+DEFAULTS = dict(
+    arch="vit_small", patch_size=16, depth=None,  # depth None: the architecture's own (12)
+    drop_path=0.1,
+    out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
+    head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
+    global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    batch_size=512,  # global, over all ranks
+    epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
+    momentum_teacher=0.996, clip_grad=3.0, freeze_last_layer=1,
+    teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+    num_workers=10, knn_every=0, knn_k=(10, 20, 100, 200), log_every=50,
+)
+PRESETS = {
+    # The CPU demo. A 2-core CPU runs a 12-block ViT-tiny at about 6 images/s, and the DINO head
+    # on every patch token costs more than the backbone at these sizes, so everything that sets
+    # the cost per image is cut: 4 blocks, 8x8 patches of 4 px at 32 px, 4 local views, a small
+    # head and K. The synthetic classes are shapes under random colours, learnable in minutes.
+    "synthetic": dict(arch="vit_tiny", patch_size=4, depth=4, drop_path=0.0, out_dim=1024,
+                      head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
+                      n_local=4, batch_size=64, epochs=10, lr=1e-3, warmup_epochs=1,
+                      freeze_last_layer=0, num_workers=0, knn_every=0, log_every=20,
+                      knn_k=(10, 20, 100, 200)),
+    # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid, as in the paper's CIFAR runs.
+    "cifar10": dict(arch="vit_small", patch_size=4, global_size=32, local_size=16, n_local=8,
+                    out_dim=4096, batch_size=512, epochs=300, knn_every=20, num_workers=8),
+    # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
+    "in100": dict(epochs=300, knn_every=20),
+    "in1k": dict(epochs=100, knn_every=0),
+    "folder": dict(epochs=100, knn_every=10),
+}
+ARCHS = ("vit_tiny", "vit_small", "vit_base")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: main prints its one-line message, no traceback."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patch level).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="synthetic", choices=list(PRESETS),
+                   help="Dataset and preset. synthetic: a 10-class shape set made in memory (the CPU "
+                        "demo); cifar10: torchvision CIFAR-10 under --data_path; in100, in1k, folder: "
+                        "an ImageFolder with train/ and val/ under --data_path.")
+    d.add_argument("--data_path", default="data", help="Root of the dataset.")
+    d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
+    d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
+                   help="Train and val sizes of the synthetic set.")
+    d.add_argument("--num_workers", type=int, default=None,
+                   help="Data loader processes per rank. Each decodes and crops images only; all "
+                        "colour work runs batched on the device.")
+    d.add_argument("--max_bad_images", type=float, default=0.01,
+                   help="Fraction of unreadable images in an epoch above which the run stops; below "
+                        "it each is replaced by another image and reported.")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default=None, choices=ARCHS, help="ViT size: tiny 192, small 384, base 768 dims.")
+    m.add_argument("--patch_size", type=int, default=None, choices=(4, 8, 16),
+                   help="ViT patch side in pixels; also the tile of the per-patch augmentation.")
+    m.add_argument("--depth", type=int, default=None,
+                   help="Number of transformer blocks (default: 12, the architecture's own). Fewer "
+                        "make a fast CPU demo.")
+    m.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the student.")
+    m.add_argument("--out_dim", type=int, default=None,
+                   help="K, the head's output size. The head runs on every patch token, so K costs "
+                        "far more here than in DINO: 8192 for ImageNet, less for small sets.")
+    m.add_argument("--head_hidden_dim", type=int, default=None, help="Hidden width of the DINO head MLP.")
+    m.add_argument("--bottleneck_dim", type=int, default=None, help="Bottleneck before the last head layer.")
+    m.add_argument("--norm_last_layer", type=_bool, default=None,
+                   help="Freeze the norm of the weight-normalised last layer (DINO: True for ViT-S "
+                        "stability; False can learn better but needs care).")
+    a = p.add_argument_group("augmentation and matching")
+    a.add_argument("--global_size", type=int, default=None, help="Side of the 2 global views.")
+    a.add_argument("--local_size", type=int, default=None, help="Side of the local views.")
+    a.add_argument("--n_local", type=int, default=None, help="Number of local views (0 is allowed).")
+    a.add_argument("--global_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, globals.")
+    a.add_argument("--local_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, locals.")
+    a.add_argument("--photometric", default="patch", choices=("patch", "view"),
+                   help="patch: every patch draws its own colour jitter and grayscale (PW-Self); "
+                        "view: one draw per view (plain DINO, for ablations).")
+    a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
+                   help="coords: match patches through the crop geometry, O(N) (PW-Self); similarity: "
+                        "each student patch takes the teacher patch of highest cosine similarity of "
+                        "backbone features, O(N^2 D), as EsViT/GTSA do (ablation).")
+    l = p.add_argument_group("loss")
+    l.add_argument("--patch_loss_weight", type=float, default=1.0, help="Weight of the patch loss; 0 is plain DINO.")
+    l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
+                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, the CLS and the "
+                        "matched patch terms averaged as one set of tokens (the public PW-Self code).")
+    l.add_argument("--teacher_temp", type=float, default=None,
+                   help="Final teacher temperature; above 0.07 DINO becomes unstable.")
+    l.add_argument("--warmup_teacher_temp", type=float, default=None, help="Initial teacher temperature.")
+    l.add_argument("--warmup_teacher_temp_epochs", type=int, default=None, help="Epochs of the linear temperature warm-up.")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch_size", type=int, default=None, help="Global batch size, split evenly over ranks.")
+    o.add_argument("--epochs", type=int, default=None, help="Training epochs.")
+    o.add_argument("--lr", type=float, default=None, help="Peak learning rate per 256 images (scaled linearly with the batch).")
+    o.add_argument("--min_lr", type=float, default=None, help="Learning rate at the end of the cosine schedule.")
+    o.add_argument("--warmup_epochs", type=int, default=None, help="Epochs of linear learning rate warm-up.")
+    o.add_argument("--weight_decay", type=float, default=None, help="Initial weight decay (cosine schedule).")
+    o.add_argument("--weight_decay_end", type=float, default=None, help="Final weight decay.")
+    o.add_argument("--momentum_teacher", type=float, default=None,
+                   help="Initial teacher EMA momentum, raised to 1 by a cosine; 0.9995 for small batches.")
+    o.add_argument("--clip_grad", type=float, default=None, help="Per-parameter gradient norm clip (0: off).")
+    o.add_argument("--freeze_last_layer", type=int, default=None,
+                   help="Epochs during which the head's last layer is kept fixed; helps early stability.")
+    o.add_argument("--seed", type=int, default=0, help="Seeds the model and every augmentation draw.")
+    r = p.add_argument_group("run")
+    r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
+    r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
+    r.add_argument("--ckpt_every", type=int, default=0,
+                   help="Also save the checkpoint every N iterations (0: only at epoch ends).")
+    r.add_argument("--log_every", type=int, default=None, help="Console log period in iterations.")
+    r.add_argument("--knn_every", type=int, default=None, help="Run k-NN every N epochs (0: only at the end).")
+    r.add_argument("--knn_k", type=int, nargs="+", default=None, help="k values of the k-NN report; 20 is the headline.")
+    r.add_argument("--eval_only", action="store_true", help="Only run k-NN on the checkpoint in output_dir (or --pretrained).")
+    r.add_argument("--no_initial_knn", action="store_true",
+                   help="Skip the k-NN of the randomly initialised teacher before training.")
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
+    return p
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def resolve_args(argv=None):
+    """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.data]
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    args.global_scale, args.local_scale = tuple(args.global_scale), tuple(args.local_scale)
+    args.knn_k = tuple(args.knn_k)
+    return args
+
+
+def check_args(args):
+    """Catch the configuration mistakes that would otherwise fail deep inside a run."""
+    for name in ("global_size", "local_size"):
+        size = getattr(args, name)
+        if size % args.patch_size:
+            raise UserError(f"--{name} {size} is not divisible by --patch_size {args.patch_size}; "
+                            f"use a multiple such as {size // args.patch_size * args.patch_size or args.patch_size}")
+    if args.batch_size < 1 or args.epochs < 1:
+        raise UserError("--batch_size and --epochs must be positive")
+    if args.data not in ("synthetic",) and args.data != "cifar10" and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} does not exist; point it at the folder holding train/ and val/")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: ViT backbone and DINO head
+# ------------------------------------------------------------------------------------------------
+# Parameter names and shapes are those of DINO's vision_transformer.py and timm's ViT, so their
+# checkpoints load here with strict=True and ours load there.
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention=False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, C/H)
+        if return_attention:
+            # Explicit softmax, only to look at the weights; training uses the fused kernel below.
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # flash/memory-efficient kernel where available
+        x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, H, N, C/H) -> (B, N, C)
+        return (x, attn) if return_attention else x
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for some samples of the batch."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device, dtype=x.dtype) >= self.p  # (B, 1, 1)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, return_attention=False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+            x = x + y
+            return x + self.mlp(self.norm2(x)), attn
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def interpolate_pos_embed(pos_embed, grid):
+    """Resize a (1, 1 + h*w, D) position embedding to a (gh, gw) patch grid, bicubic, CLS kept."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    side = int(math.sqrt(n))
+    assert side * side == n, f"position embedding of {n} patches is not a square grid"
+    patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
+    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, gh*gw, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT. forward(x) returns all tokens after the final norm: (B, 1 + N, D), CLS first."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks dropped more often
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def prepare_tokens(self, x):
+        B, _, H, W = x.shape
+        grid = (H // self.patch_size, W // self.patch_size)
+        pos = self.pos_embed
+        if grid[0] * grid[1] != pos.shape[1] - 1:
+            pos = interpolate_pos_embed(pos, grid)
+        x = self.patch_embed(x)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return x + pos
+
+    def forward(self, x):
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (B, 1 + N, D)
+
+    def get_last_selfattention(self, x):
+        """Attention weights of the last block, (B, heads, 1 + N, 1 + N), each row summing to 1."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit_tiny(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
+    return VisionTransformer(img_size, patch_size, 192, depth, 3, drop_path_rate=drop_path_rate)
+
+
+def vit_small(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
+    return VisionTransformer(img_size, patch_size, 384, depth, 6, drop_path_rate=drop_path_rate)
+
+
+def vit_base(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
+    return VisionTransformer(img_size, patch_size, 768, depth, 12, drop_path_rate=drop_path_rate)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias, weight = g * v / ||v|| per output row. Same parameter names as
+    torch.nn.utils.weight_norm (weight_g, weight_v), which DINO's checkpoints use."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K outputs."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, norm_last_layer=True):
+        super().__init__()
+        layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+        for _ in range(nlayers - 2):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO
+        self.apply(_init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer(x)
+
+
+class Encoder(nn.Module):
+    """Backbone + head, DINO's MultiCropWrapper. Takes a list of view batches, one per resolution,
+    so views of one size share one backbone call. Returns, per batch, the backbone tokens
+    (B, 1 + N, D) and the head outputs for every token (B, 1 + N, K)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        tokens = [self.backbone(x) for x in crops]  # each (B_r, 1 + N_r, D)
+        # One head call over all tokens of all resolutions: fewer, larger matrix products.
+        flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (sum B_r (1 + N_r), D)
+        logits = self.head(flat).split([t.shape[0] * t.shape[1] for t in tokens])
+        return tokens, [z.reshape(*t.shape[:2], -1) for z, t in zip(logits, tokens)]  # (B_r, 1 + N_r, K)
+
+
+def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size=224,
+                  head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+    factory = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}[arch]
+    backbone = factory(patch_size, drop_path, depth or 12, img_size)
+    head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+    return Encoder(backbone, head)
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation: spatial views with their geometry (data workers), photometric (device, batched)
+# ------------------------------------------------------------------------------------------------
+# Every random number below comes from a generator the caller passes in; the training data seeds
+# it with (seed, epoch, sample index), so a sample's views are the same on any worker, rank or
+# world size, and after a resume.
+
+def sample_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's law with float boxes: area uniform in `scale` x image area, log aspect
+    ratio uniform in `ratio`, 10 tries, then the largest centred box of an allowed ratio.
+    Returns (top, left, height, width) in original-image pixels."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+        if w <= width and h <= height:
+            return rng.uniform(0, height - h), rng.uniform(0, width - w), h, w
+    w, h = float(width), float(height)
+    if w / h < ratio[0]:
+        h = w / ratio[0]
+    elif w / h > ratio[1]:
+        w = h * ratio[1]
+    return (height - h) / 2, (width - w) / 2, h, w
+
+
+def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """Cut 2 global and n_local local views out of a PIL RGB image: random resized crop, then a
+    horizontal flip with p=0.5. Each view records where it came from, which is all the patch
+    matching needs.
+    Returns global views uint8 (2, 3, Sg, Sg), local views uint8 (n_local, 3, Sl, Sl),
+    box float32 (2 + n_local, 4) = (top, left, height, width) in original pixels, flip bool (2 + n_local,)."""
+    width, height = img.size
+    views, boxes, flips = [], [], []
+    for v in range(2 + n_local):
+        size, scale = (global_size, global_scale) if v < 2 else (local_size, local_scale)
+        top, left, h, w = sample_crop_box(rng, height, width, scale)
+        flip = bool(rng.random() < 0.5)
+        # One resampling from the original pixels: crop and resize in a single call, box in floats.
+        view = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        if flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+        boxes.append((top, left, h, w))
+        flips.append(flip)
+    local = torch.stack(views[2:]) if n_local else torch.zeros(0, 3, local_size, local_size, dtype=torch.uint8)
+    return torch.stack(views[:2]), local, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
+
+
+def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
+                            jitter=(0.4, 0.4, 0.2, 0.1)):
+    """Draw DINO's colour augmentation for n_views views, each cut into n_tiles tiles that draw
+    independently: n_tiles = patches per view for PW-Self, 1 for plain per-view DINO.
+    Returns tile params float32 (n_views, n_tiles, 6) = (jitter on, brightness, contrast,
+    saturation, hue shift, grayscale on) and view params float32 (n_views, 2) = (blur sigma, 0
+    for no blur; solarize on). p_blur and p_solarize are per view (scalars or length n_views)."""
+    b, c, s, h = jitter
+    u = rng.random((n_views, n_tiles, 6), dtype=np.float32)
+    tile = np.stack([u[..., 0] < p_jitter,
+                     1 - b + 2 * b * u[..., 1],
+                     1 - c + 2 * c * u[..., 2],
+                     1 - s + 2 * s * u[..., 3],
+                     -h + 2 * h * u[..., 4],
+                     u[..., 5] < p_gray], axis=-1).astype(np.float32)
+    u = rng.random((n_views, 3), dtype=np.float32)
+    sigma = np.where(u[:, 0] < np.asarray(p_blur), 0.1 + 1.9 * u[:, 1], 0.0)
+    view = np.stack([sigma, u[:, 2] < np.asarray(p_solarize)], axis=-1).astype(np.float32)
+    return torch.from_numpy(tile), torch.from_numpy(view)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def grayscale(x):
+    """ITU-R 601 luma of (B, 3, ...) -> (B, 1, ...), as torchvision's rgb_to_grayscale."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of (B, 3, ...) RGB in [0, 1] by `shift` turns, broadcastable to (B, 1, ...)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))  # grey pixels have no hue
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = (h / 6 + shift.squeeze(1)) % 1.0  # (B, ...), in turns
+    # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
+    # k = (n + 6 h) mod 6, and v s = max - min.
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
+    k = (n + 6 * h.unsqueeze(1)) % 6  # (B, 3, ...)
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def color_jitter_tiles(x, tile):
+    """Colour jitter then grayscale, each tile of the image with its own parameters.
+    x: float (B, 3, S, S) in [0, 1]; tile: (B, G, 6) from draw_photometric_params, G = g*g tiles
+    in row-major order (g = S / patch_size for PW-Self, g = 1 for a whole-view transform).
+    The ops run in one fixed order (brightness, contrast, saturation, hue) rather than
+    torchvision's random order per call; the parameters are what carry the randomness."""
+    B, _, S, _ = x.shape
+    g = math.isqrt(tile.shape[1])
+    assert g * g == tile.shape[1] and S % g == 0, f"{tile.shape[1]} tiles do not tile a {S}x{S} view"
+    q = S // g
+    x = x.reshape(B, 3, g, q, g, q)  # (B, 3, gh, q, gw, q): tile (i, j) is x[:, :, i, :, j, :]
+    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)  # each (B, 1, g, 1, g, 1)
+    y = (x * bright).clamp(0, 1)
+    mean = grayscale(y).mean(dim=(3, 5), keepdim=True)  # (B, 1, g, 1, g, 1): contrast pivots on the tile's own grey
+    y = (contrast * y + (1 - contrast) * mean).clamp(0, 1)
+    y = (sat * y + (1 - sat) * grayscale(y)).clamp(0, 1)
+    y = adjust_hue(y, hue)
+    x = torch.where(on > 0, y, x)
+    x = torch.where(gray > 0, grayscale(x).expand_as(x), x)
+    return x.reshape(B, 3, S, S)
+
+
+def gaussian_blur(x, sigma, radius=6):
+    """Blur each image of (B, C, H, W) with its own sigma (B,) in pixels; sigma 0 leaves it as is.
+    Separable, one grouped convolution per axis for the whole batch."""
+    B, C, H, W = x.shape
+    radius = min(radius, H - 1, W - 1)  # reflect padding needs it; 6 covers 3 sigma at sigma 2
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    w = torch.exp(-0.5 * (k / sigma.clamp_min(1e-3).unsqueeze(1)) ** 2)  # (B, 2r+1); a delta at sigma 0
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r+1)
+    y = F.pad(x.reshape(1, B * C, H, W), (radius,) * 4, mode="reflect")
+    y = F.conv2d(y, w[:, None, :, None], groups=B * C)  # vertical pass
+    y = F.conv2d(y, w[:, None, None, :], groups=B * C)  # horizontal pass
+    return y.reshape(B, C, H, W)
+
+
+def photometric_augment(views, tile, view):
+    """Apply the drawn photometric augmentation to a batch of views on their device.
+    views: uint8 (B, 3, S, S); tile: (B, G, 6) per-tile colour params; view: (B, 2) blur sigma and
+    solarize bit. Returns float32 (B, 3, S, S), normalised with the ImageNet mean and std."""
+    x = views.float() / 255
+    x = color_jitter_tiles(x, tile)
+    x = gaussian_blur(x, view[:, 0])
+    solarize = (view[:, 1] > 0).view(-1, 1, 1, 1)
+    x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL's threshold 128
+    return normalize(x)
+
+
+def normalize(x):
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch matching
+# ------------------------------------------------------------------------------------------------
+
+def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
+    """For every patch of a student view, the teacher patch that shows the same point of the image.
+
+    The student patch centre is carried from student-view pixels to original-image pixels through
+    the student crop box, then into teacher-view pixels through the teacher crop box; the target is
+    the teacher patch containing that point. Geometry only: O(N_s), no features.
+    t_box, s_box: float (B, 4) = (top, left, height, width) in original pixels; t_flip, s_flip: bool
+    (B,); t_size, s_size: view sides in pixels; patch_size: ViT patch side.
+    Returns index long (B, N_s) into the teacher's N_t patch tokens (row-major, CLS excluded) and
+    valid bool (B, N_s): whether the point lies inside the teacher view."""
+    B = s_box.shape[0]
+    gs, gt = s_size // patch_size, t_size // patch_size
+    centre = (torch.arange(gs, device=s_box.device, dtype=s_box.dtype) + 0.5) * patch_size  # (gs,)
+    u = centre.view(1, 1, gs).expand(B, gs, gs)  # x of the patch centres in student-view pixels, (B, gs, gs)
+    v = centre.view(1, gs, 1).expand(B, gs, gs)  # y
+    u = torch.where(s_flip.view(B, 1, 1), s_size - u, u)  # the view was mirrored after cropping
+    s_top, s_left, s_h, s_w = s_box.view(B, 4, 1, 1).unbind(1)  # each (B, 1, 1)
+    t_top, t_left, t_h, t_w = t_box.view(B, 4, 1, 1).unbind(1)
+    x = s_left + u * s_w / s_size  # original-image pixels
+    y = s_top + v * s_h / s_size
+    ut = (x - t_left) * t_size / t_w  # teacher-view pixels, before the teacher's flip
+    vt = (y - t_top) * t_size / t_h
+    valid = (ut >= 0) & (ut < t_size) & (vt >= 0) & (vt < t_size)
+    ut = torch.where(t_flip.view(B, 1, 1), t_size - ut, ut)
+    col = torch.div(ut, patch_size, rounding_mode="floor").long().clamp(0, gt - 1)
+    row = torch.div(vt, patch_size, rounding_mode="floor").long().clamp(0, gt - 1)
+    return (row * gt + col).flatten(1), valid.flatten(1)  # (B, gs, gs) -> (B, N_s)
+
+
+def match_by_similarity(t_feats, s_feats):
+    """The ablation: each student patch takes the teacher patch of highest cosine similarity of
+    backbone features (EsViT/GTSA style), O(N_s N_t D). t_feats (B, N_t, D), s_feats (B, N_s, D).
+    Returns index (B, N_s) and valid (B, N_s), all True."""
+    sim = F.normalize(s_feats.float(), dim=-1) @ F.normalize(t_feats.float(), dim=-1).transpose(1, 2)  # (B, N_s, N_t)
+    index = sim.argmax(dim=-1)
+    return index, torch.ones_like(index, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss: image-level and patch-level self-distillation
+# ------------------------------------------------------------------------------------------------
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(x):
+    if _distributed():
+        dist.all_reduce(x)
+    return x
+
+
+class PWSelfLoss(nn.Module):
+    """Cross-entropy between sharpened, centred teacher outputs and student outputs, for the CLS
+    token of every (teacher global view i, student view v != i) pair and for every student patch
+    matched to a teacher patch. Two centres: one for CLS outputs, one for patch outputs."""
+
+    def __init__(self, out_dim, epochs, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                 warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9,
+                 patch_loss_weight=1.0, loss_weighting="sum"):
+        super().__init__()
+        assert loss_weighting in ("sum", "token_mean"), loss_weighting
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.patch_loss_weight, self.loss_weighting = patch_loss_weight, loss_weighting
+        self.register_buffer("center_cls", torch.zeros(1, out_dim))
+        self.register_buffer("center_patch", torch.zeros(1, out_dim))
+        # A low teacher temperature early keeps the targets sharp while the student is random.
+        self.teacher_temps = np.concatenate([
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.full(max(epochs - warmup_teacher_temp_epochs, 1), teacher_temp)])
+
+    def forward(self, student_out, teacher_out, matches, epoch):
+        """student_out: V tensors (B, 1 + N_v, K), global views first; teacher_out: G tensors
+        (B, 1 + N_t, K) for the global views; matches: {(i, v): (index (B, N_v), valid (B, N_v))}
+        for every teacher view i and student view v != i (unused when patch_loss_weight is 0).
+        Returns (total, image part, patch part), the parts summing to the total."""
+        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        G, V, B = len(teacher_out), len(student_out), student_out[0].shape[0]
+        pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
+        use_patches = self.patch_loss_weight > 0
+        world = dist.get_world_size() if _distributed() else 1
+        with torch.no_grad():
+            # Sharpen the teacher more than the student so its targets are confident; the centre
+            # keeps any one dimension from dominating. Together they avoid both collapses.
+            t_cls = [F.softmax((t[:, 0].float() - self.center_cls) / temp, dim=-1) for t in teacher_out]  # (B, K)
+            t_patch = [F.softmax((t[:, 1:].float() - self.center_patch) / temp, dim=-1)
+                       for t in teacher_out] if use_patches else None  # (B, N_t, K)
+            # Normalisers are counted over all ranks, so the loss is that of the global batch
+            # however it is split; the world factor undoes DDP's averaging of the gradients.
+            device = student_out[0].device
+            counts = [matches[p][1].sum() for p in pairs] if use_patches else []
+            stats = torch.stack(counts + [torch.tensor(B, device=device)]).float()
+            stats = all_reduce_sum(stats)
+            counts, n_images = stats[:-1], stats[-1]
+            if self.loss_weighting == "sum":
+                w_cls = torch.full((len(pairs),), 1.0, device=device) / (len(pairs) * n_images)
+                w_patch = self.patch_loss_weight / (len(pairs) * counts.clamp_min(1))  # no valid patch: adds 0
+            else:  # token_mean: CLS and patch tokens of a pair averaged as one set
+                w_cls = 1.0 / (len(pairs) * (n_images + (counts if use_patches else 0)))
+                w_patch = self.patch_loss_weight * w_cls
+            w_cls, w_patch = w_cls * world, w_patch * world
+
+        loss_image = loss_patch = torch.zeros((), device=device)
+        for v in range(V):
+            partners = [(k, i) for k, (i, vv) in enumerate(pairs) if vv == v]
+            if not partners:
+                continue
+            s = student_out[v] if use_patches else student_out[v][:, :1]
+            logp = F.log_softmax(s.float() / self.student_temp, dim=-1)  # (B, 1 + N_v, K)
+            # Cross-entropy is linear in the target: sum the weighted targets of all pairs sharing
+            # this student view first, then take one product with its log-probabilities.
+            target = sum(w_cls[k] * t_cls[i] for k, i in partners)  # (B, K)
+            loss_image = loss_image - (target * logp[:, 0]).sum()
+            if use_patches:
+                K = logp.shape[-1]
+                target = sum((w_patch[k] * matches[i, v][1].unsqueeze(-1)) *
+                             t_patch[i].gather(1, matches[i, v][0].unsqueeze(-1).expand(-1, -1, K))
+                             for k, i in partners)  # (B, N_v, K): each patch's matched teacher target
+                loss_patch = loss_patch - (target * logp[:, 1:]).sum()
+        self.update_center(teacher_out)
+        return loss_image + loss_patch, loss_image, loss_patch
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        """EMA of the batch mean of teacher outputs, over all ranks: CLS and patch tokens apart."""
+        cls = torch.cat([t[:, 0] for t in teacher_out]).float()  # (G B, K)
+        patch = torch.cat([t[:, 1:].flatten(0, 1) for t in teacher_out]).float()  # (G B N_t, K)
+        n = torch.tensor([len(cls), len(patch)], device=cls.device, dtype=torch.float32)
+        stats = all_reduce_sum(torch.cat([cls.sum(0), patch.sum(0), n]))
+        K = cls.shape[1]
+        m = self.center_momentum
+        self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
+        self.center_patch.mul_(m).add_(stats[K:2 * K] / stats[-1], alpha=1 - m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "horizontal stripes",
+                     "vertical stripes", "checkerboard", "diagonal stripes", "x")
+
+
+def make_synthetic_shapes(n, size=32, seed=0):
+    """A 10-class image set made in memory: the class is a shape or texture (SYNTHETIC_CLASSES),
+    drawn at a random place and scale in a random foreground colour over a random background, with
+    noise. Colour carries no label, so features that only see colour score at chance, and the
+    colour augmentation has to teach the model to look past it.
+    Returns images uint8 (n, size, size, 3) and labels int64 (n,)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # (S, S) pixel centres
+    shape = (n, 1, 1)
+    cx, cy = (rng.uniform(0.3, 0.7, shape) * size for _ in range(2))
+    r = rng.uniform(0.22, 0.38, shape) * size
+    period = rng.uniform(5, 9, shape) * size / 32
+    phase = rng.uniform(0, 2 * np.pi, shape)
+    dx, dy = xx - cx, yy - cy  # (n, S, S)
+    dist2 = dx ** 2 + dy ** 2
+    box = np.maximum(np.abs(dx), np.abs(dy))
+    arm = r / 3
+    diag = np.where(rng.random(shape) < 0.5, xx + yy, xx - yy) / np.sqrt(2)  # either diagonal
+    masks = np.stack([
+        dist2 < r ** 2,
+        box < 0.85 * r,
+        (dy < 0.6 * r) & (dy > -r + 2 * np.abs(dx)),
+        (dist2 < r ** 2) & (dist2 > (0.55 * r) ** 2),
+        ((np.abs(dx) < arm) | (np.abs(dy) < arm)) & (box < r),
+        np.sin(2 * np.pi * yy / period + phase) > 0,
+        np.sin(2 * np.pi * xx / period + phase) > 0,
+        ((np.floor((xx + phase) / period * 1.5) + np.floor((yy + phase) / period * 1.5)) % 2) > 0,
+        np.sin(2 * np.pi * diag / period + phase) > 0,
+        ((np.abs(dx - dy) < arm) | (np.abs(dx + dy) < arm)) & (box < r),
+    ])  # (10, n, S, S)
+    mask = masks[labels, np.arange(n)][..., None]  # (n, S, S, 1)
+    fg, bg = (rng.uniform(0, 255, (n, 1, 1, 3)) for _ in range(2))
+    images = np.where(mask, fg, bg) + rng.normal(0, 8, (n, size, size, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """(PIL image, label) pairs from a uint8 (N, H, W, 3) array."""
+
+    def __init__(self, images, labels):
+        self.images, self.targets = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.images[index]), int(self.targets[index])
+
+
+def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
+    """The train and val sets for --data, each yielding (PIL image, label); and the class count."""
+    if data == "synthetic":
+        train = ArrayDataset(*make_synthetic_shapes(synthetic_size[0], seed=0))
+        val = ArrayDataset(*make_synthetic_shapes(synthetic_size[1], seed=1))
+        return train, val, len(SYNTHETIC_CLASSES)
+    import torchvision
+    if data == "cifar10":
+        try:
+            train = torchvision.datasets.CIFAR10(data_path, train=True, download=download)
+            val = torchvision.datasets.CIFAR10(data_path, train=False, download=download)
+        except RuntimeError:
+            raise UserError(f"CIFAR-10 not found under --data_path {data_path}; add --download or point "
+                            f"--data_path at the folder holding cifar-10-batches-py") from None
+        return train, val, 10
+    splits = []
+    for split in ("train", "val"):
+        root = os.path.join(data_path, split)
+        if not os.path.isdir(root):
+            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ ImageFolders")
+        try:
+            splits.append(torchvision.datasets.ImageFolder(root))
+        except FileNotFoundError as e:
+            raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of images per class") from None
+    return splits[0], splits[1], len(splits[0].classes)
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """PW-Self training samples from a dataset of (PIL image, label). Indexed by (epoch, index),
+    as EpochSampler yields, so every draw comes from a generator seeded by (seed, epoch, index).
+    A worker only decodes, crops, resizes and flips; the colour work waits for the device."""
+
+    def __init__(self, base, seed, global_size, local_size, n_local, patch_size, photometric="patch",
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+        self.base, self.seed, self.photometric = base, seed, photometric
+        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        self.patch_size, self.global_scale, self.local_scale = patch_size, global_scale, local_scale
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        img, label = self.base[index]
+        glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size, self.local_size,
+                                               self.n_local, self.global_scale, self.local_scale)
+        tiles = (lambda size: (size // self.patch_size) ** 2) if self.photometric == "patch" else (lambda size: 1)
+        # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
+        # time on locals; solarization on global 2 only.
+        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size), [1.0, 0.1], [0.0, 0.2])
+        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles(self.local_size), 0.5, 0.0)
+        return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
+                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label)
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that yields (epoch, index) keys and can start mid-epoch, at the batch a
+    resumed run stopped at. Rank r takes every world-th index of one seeded permutation, so the
+    union of the ranks' k-th batches is the same global batch whatever the world size."""
+
+    def __init__(self, dataset, num_replicas, rank, seed, batch_size):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """k-NN inputs: resize the short side to size / 0.875, centre crop `size`; uint8 (3, S, S)."""
+
+    def __init__(self, base, size):
+        self.base, self.size = base, size
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        import torchvision.transforms.functional as TF
+        img, label = self.base[index]
+        img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
+                                       interpolation=TF.InterpolationMode.BICUBIC), self.size)
+        return TF.pil_to_tensor(img), label, index
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
+    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
+    warmup = np.linspace(start_warmup, base, warmup_epochs * iters_per_epoch)
+    steps = np.arange(epochs * iters_per_epoch - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def param_groups(model):
+    """Weight decay on weights only: DINO leaves biases and norm parameters (1-D) alone."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(parameters, clip):
+    """DINO's clipping: each parameter's gradient norm capped at `clip` on its own."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for g, n in zip(grads, torch._foreach_norm(grads)):
+        g.mul_((clip / (n + 1e-6)).clamp(max=1.0))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+    t, s = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1 - momentum)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def prepare_views(batch, device):
+    """Move a collated batch to the device and apply the photometric augmentation there.
+    Returns global views (G B, 3, Sg, Sg) and local views (L B, 3, Sl, Sl) in view-major order
+    (all images' view 0, then view 1, ...), as DINO stacks them."""
+    def views(key, tile_key, params):
+        x = batch[key].to(device, non_blocking=True)  # (B, n, 3, S, S) uint8
+        tile = batch[tile_key].to(device, non_blocking=True)  # (B, n, G, 6)
+        return photometric_augment(x.transpose(0, 1).flatten(0, 1), tile.transpose(0, 1).flatten(0, 1),
+                                   params.transpose(0, 1).flatten(0, 1))  # (n B, 3, S, S)
+    params = batch["view_params"].to(device, non_blocking=True)  # (B, V, 2)
+    G = batch["global_views"].shape[1]
+    return views("global_views", "tile_global", params[:, :G]), views("local_views", "tile_local", params[:, G:])
+
+
+def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
+               matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
+    """One PW-Self iteration on a collated batch: augment on the device, teacher and student
+    forward, match patches, loss, backward, AdamW step, teacher EMA. Returns the loss and its
+    image and patch parts as device tensors (no host sync)."""
+    device = next(teacher.parameters()).device
+    glob, local = prepare_views(batch, device)
+    G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights (param_groups)
+
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.no_grad():
+            t_tokens, t_logits = teacher([glob])  # the teacher sees only the global views
+        s_tokens, s_logits = student([glob, local] if L else [glob])
+    teacher_out = t_logits[0].chunk(G)  # G x (B, 1 + N_t, K)
+    student_out = s_logits[0].chunk(G) + (s_logits[1].chunk(L) if L else ())
+    sizes = [glob.shape[-1]] * G + [local.shape[-1]] * L
+
+    matches = {}
+    if loss_fn.patch_loss_weight > 0:
+        box, flip = batch["box"].to(device), batch["flip"].to(device)  # (B, V, 4), (B, V)
+        if matching == "similarity":
+            t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
+            s_feats = s_tokens[0][:, 1:].detach().chunk(G) + (s_tokens[1][:, 1:].detach().chunk(L) if L else ())
+        for i in range(G):
+            for v in range(G + L):
+                if v == i:
+                    continue
+                if matching == "coords":
+                    matches[i, v] = match_patches(box[:, i], flip[:, i], sizes[i], box[:, v], flip[:, v],
+                                                  sizes[v], patch_size)
+                else:
+                    matches[i, v] = match_by_similarity(t_feats[i], s_feats[v])
+    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        clip_gradients(student.parameters(), clip_grad)
+    if freeze_last_layer:  # DINO: a fixed last layer for the first epoch keeps early training stable
+        for p in unwrap(student).head.last_layer.parameters():
+            p.grad = None
+    optimizer.step()
+    ema_update(teacher, unwrap(student), momentum)
+    return loss.detach(), loss_image.detach(), loss_patch.detach()
+
+
+def setup_distributed(device_arg=None):
+    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU); otherwise run
+    as a single process. Multi-node needs nothing more: torchrun's rendezvous sets the variables.
+    Returns (rank, world size, device)."""
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu or drop the flag")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not _distributed():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def prepare_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose a folder you can write to") from None
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint:
+    a kill at any moment leaves either the old or the new checkpoint whole, never a torn one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.environ.get("PATCHWISE_TEST_SAVE_PAUSE"):  # lets a test kill the process mid-save
+        time.sleep(float(os.environ["PATCHWISE_TEST_SAVE_PAUSE"]))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Our checkpoints hold tensors and plain Python values only, so the safe loader reads them."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
+
+
+def check_same_architecture(saved, args, path):
+    diff = [f"{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in ARCH_KEYS
+            if saved.get(k) != getattr(args, k)]
+    if diff:
+        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's flags or "
+                        f"another --output_dir")
+
+
+def encoder_from_args(args, drop_path=0.0):
+    return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path, args.depth, args.global_size,
+                         args.head_hidden_dim, args.bottleneck_dim, args.norm_last_layer)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if _distributed():  # drop path draws differ per rank: keep every rank's generator
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def format_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train(args):
+    """The whole run: data, models, schedules, resume, the epoch loop with logs, checkpoints and
+    k-NN. The only function besides main that reads `args`."""
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; use a "
+                        f"multiple of {world} such as {max(world, args.batch_size // world * world)}")
+    local_batch = args.batch_size // world
+    torch.manual_seed(args.seed * 1000 + rank)  # drop path only: every augmentation draw is per sample
+    prepare_output_dir(args.output_dir)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+
+    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+    dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size, args.n_local,
+                               args.patch_size, args.photometric, args.global_scale, args.local_scale)
+    sampler = EpochSampler(dataset, world, rank, args.seed, local_batch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+    iters = len(sampler) // local_batch
+    if iters == 0:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
+                        f"{args.batch_size}; lower --batch_size")
+
+    student = encoder_from_args(args, args.drop_path).to(device)
+    teacher = encoder_from_args(args).to(device)
+    teacher.load_state_dict(student.state_dict())  # teacher and student start equal (DINO)
+    teacher.requires_grad_(False)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = PWSelfLoss(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
+                         loss_weighting=args.loss_weighting).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
+    # DINO's linear scaling rule: the peak learning rate grows with the global batch.
+    lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    start_epoch, start_iter = 0, 0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+        ckpt = load_checkpoint(ckpt_path)
+        check_same_architecture(ckpt["args"], args, ckpt_path)
+        unwrap(student).load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
+
+    def save(epoch, iteration):
+        state = dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict(),
+                     optimizer=optimizer.state_dict(), loss=loss_fn.state_dict(), epoch=epoch,
+                     iteration=iteration, args=vars(args), rng=rng_state(device))
+        if rank == 0:
+            save_checkpoint(state, ckpt_path)
+
+    eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
+
+    def knn(label):
+        results = evaluate_knn(teacher.backbone, *eval_sets, args.knn_k, device, args.batch_size // world,
+                               args.num_workers, num_classes, amp_dtype, log)
+        log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% "
+                                                 f"top-5 {results[f'knn_top5_k{k}']:.2f}%" for k in args.knn_k))
+        return results
+
+    initial = None
+    if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
+        initial = knn("randomly initialised teacher")
+    log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
+        f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
+        f"process(es), {device.type}")
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+
+    def stop_if_not_finite():
+        if first_bad.item() >= 0:  # one host sync, only at logging and checkpoint time
+            raise UserError(f"the loss became non-finite at iteration {first_bad.item()} (epoch "
+                            f"{first_bad.item() // iters}); {ckpt_path} holds the last good state; lower "
+                            f"--lr or --teacher_temp and resume with --resume")
+
+    total_steps = args.epochs * iters
+    run_start, run_start_step = time.time(), start_epoch * iters + start_iter
+    results = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_iter)
+        epoch_sum = torch.zeros(3, device=device)
+        window_sum, window_start, window_time = torch.zeros(3, device=device), start_iter, time.time()
+        for it, batch in enumerate(loader, start=start_iter):
+            step = epoch * iters + it
+            losses = torch.stack(train_step(
+                student, teacher, loss_fn, optimizer, batch, epoch=epoch, lr=lr_schedule[step],
+                wd=wd_schedule[step], momentum=momentum_schedule[step], patch_size=args.patch_size,
+                matching=args.matching, clip_grad=args.clip_grad,
+                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype))  # (3,) total, image, patch
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
+            epoch_sum += losses
+            window_sum += losses
+            if (step + 1) % args.log_every == 0 or it + 1 == iters:
+                stop_if_not_finite()
+                mean = all_reduce_sum(window_sum.clone()) / (world * (it + 1 - window_start))
+                elapsed = time.time() - window_time
+                speed = (it + 1 - window_start) * args.batch_size / max(elapsed, 1e-9)
+                eta = (time.time() - run_start) / (step + 1 - run_start_step) * (total_steps - step - 1)
+                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {mean[0]:.4f} (image "
+                    f"{mean[1]:.4f} patch {mean[2]:.4f})  lr {lr_schedule[step]:.2e}  wd "
+                    f"{wd_schedule[step]:.3f}  mom {momentum_schedule[step]:.5f}  {speed:.0f} img/s  "
+                    f"ETA {format_time(eta)}", flush=True)
+                window_sum.zero_()
+                window_start, window_time = it + 1, time.time()
+            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
+                stop_if_not_finite()
+                save(epoch, it + 1)
+        stop_if_not_finite()
+        epoch_mean = (all_reduce_sum(epoch_sum) / (world * (iters - start_iter))).tolist()
+        start_iter = 0
+        save(epoch + 1, 0)
+        stats = dict(train_loss=epoch_mean[0], train_loss_image=epoch_mean[1], train_loss_patch=epoch_mean[2],
+                     train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), epoch=epoch)
+        last = epoch + 1 == args.epochs
+        if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+            results = knn("trained teacher" if last else f"teacher after epoch {epoch + 1}")
+            stats.update(results)
+        if rank == 0:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(stats) + "\n")
+    if initial and results:
+        log(f"k-NN top-1 (k=20): randomly initialised teacher {initial.get('knn_top1_k20', float('nan')):.2f}%, "
+            f"trained teacher {results.get('knn_top1_k20', float('nan')):.2f}%")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: weighted k-NN on teacher CLS features (DINO's protocol)
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
+    """Weighted k-NN: the k most cosine-similar train images vote for their label with weight
+    exp(similarity / T). Features must be L2-normalised, (N, D). Test images go in chunks sized so
+    that the (chunk, N_train) similarity matrix stays near 2^27 floats, so ImageNet-1K
+    (1.28M x 384) fits. Returns (top-1, top-5) accuracy in percent."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_features))
+    chunk = max(1, 2 ** 27 // len(train_features))
+    top1 = top5 = 0
+    for start in range(0, len(test_features), chunk):
+        sim = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
+        sim_k, idx = sim.topk(k, dim=1)  # (c, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim_k / T).exp())  # (c, C)
+        pred = votes.topk(min(5, num_classes), dim=1).indices  # (c, 5)
+        correct = pred == test_labels[start:start + chunk].unsqueeze(1)
+        top1 += correct[:, 0].sum().item()
+        top5 += correct.any(dim=1).sum().item()
+    n = len(test_features)
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None):
+    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`. Each rank
+    extracts its share; the shares are gathered so that every rank ends with all of them."""
+    world = dist.get_world_size() if _distributed() else 1
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels, index = [], [], []
+    start = last_report = time.time()
+    for b, (x, y, idx) in enumerate(loader):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            f = backbone(normalize(x.to(device, non_blocking=True).float() / 255))[:, 0]  # (B, D) CLS
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(y.to(device))
+        index.append(idx.to(device))
+        if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
+            last_report = time.time()
+            log(f"  features {b + 1}/{len(loader)} batches, ETA "
+                f"{format_time((last_report - start) / (b + 1) * (len(loader) - b - 1))}", flush=True)
+    backbone.train(was_training)
+    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    if world > 1:  # DistributedSampler pads, so every rank holds the same count
+        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (feats, labels, index)]
+        for out, t in zip(gathered, (feats, labels, index)):
+            dist.all_gather(out, t)
+        feats, labels, index = (torch.cat(g) for g in gathered)
+    all_feats = torch.empty(len(dataset), feats.shape[1], device=device)
+    all_labels = torch.empty(len(dataset), dtype=torch.long, device=device)
+    all_feats[index], all_labels[index] = feats, labels
+    return all_feats, all_labels
+
+
+def evaluate_knn(backbone, train_set, val_set, ks, device, batch_size=256, num_workers=0, num_classes=None,
+                 amp_dtype=None, log=None):
+    """k-NN accuracy of a backbone's CLS features for each k: {'knn_top1_k20': ..., 'knn_top5_k20': ...}."""
+    train_f, train_y = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype, log)
+    val_f, val_y = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log)
+    results = {}
+    for k in ks:
+        results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = knn_classify(train_f, train_y, val_f, val_y, k,
+                                                                            num_classes=num_classes)
+    return results
+
+
+def evaluate(args):
+    """--eval_only: k-NN of the teacher in output_dir/checkpoint.pth."""
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if not os.path.exists(path):
+        raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run")
+    ckpt = load_checkpoint(path)
+    check_same_architecture(ckpt["args"], args, path)
+    teacher = encoder_from_args(args).to(device)
+    teacher.load_state_dict(ckpt["teacher"])
+    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    results = evaluate_knn(teacher.backbone, EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size),
+                           args.knn_k, device, max(1, args.batch_size // world), args.num_workers, num_classes, amp_dtype, log)
+    log("k-NN of the teacher in " + path + ": " + "  ".join(
+        f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 {results[f'knn_top5_k{k}']:.2f}%" for k in args.knn_k))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    try:
+        args = resolve_args(argv)
+        check_args(args)
+        return evaluate(args) if args.eval_only else train(args)
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"patchwise: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if _distributed():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Tests for patchwise.py: each asserts a claim of the method (../shared/METHOD.md) or of the tool.
+
+Run: python -m pytest -q test_patchwise.py   (CPU only, no network, a few minutes)
+"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+import patchwise as pw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------------------
+# ViT and head
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patch_size", [4, 8, 16])
+@pytest.mark.parametrize("sizes", [(224, 96), (32, 16)])
+def test_vit_returns_all_tokens_for_any_divisible_side(patch_size, sizes):
+    model = pw.vit_tiny(patch_size=patch_size, depth=1, img_size=sizes[0]).eval()
+    for side in sizes:
+        if side % patch_size:
+            continue
+        out = model(torch.randn(2, 3, side, side))
+        assert out.shape == (2, 1 + (side // patch_size) ** 2, 192)
+
+
+def test_sdpa_attention_equals_explicit_softmax_in_float64():
+    torch.manual_seed(0)
+    attn = pw.Attention(dim=48, num_heads=3)
+    x = torch.randn(2, 10, 48)
+    out = attn(x)
+    xd = x.double()
+    qkv = F.linear(xd, attn.qkv.weight.double(), attn.qkv.bias.double()).reshape(2, 10, 3, 3, 16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, d) each
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(16), dim=-1)
+    ref = (weights @ v).transpose(1, 2).reshape(2, 10, 48)
+    ref = F.linear(ref, attn.proj.weight.double(), attn.proj.bias.double())
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel < 1e-6
+    # the explicit path used for attention maps agrees too, and its weights are a distribution
+    out2, w = attn(x, return_attention=True)
+    assert torch.allclose(out2, out, atol=1e-5)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 3, 10))
+
+
+def test_position_embedding_interpolation_is_identity_on_the_native_grid():
+    pos = torch.randn(1, 1 + 14 * 14, 32)
+    assert torch.allclose(pw.interpolate_pos_embed(pos, (14, 14)), pos, atol=1e-5)
+    assert pw.interpolate_pos_embed(pos, (6, 6)).shape == (1, 37, 32)
+
+
+def test_state_dict_names_and_shapes_are_dinos():
+    model = pw.vit_small(patch_size=16)
+    expected = {"cls_token": (1, 1, 384), "pos_embed": (1, 197, 384),
+                "patch_embed.proj.weight": (384, 3, 16, 16), "patch_embed.proj.bias": (384,),
+                "norm.weight": (384,), "norm.bias": (384,)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        expected.update({b + "norm1.weight": (384,), b + "norm1.bias": (384,),
+                         b + "attn.qkv.weight": (1152, 384), b + "attn.qkv.bias": (1152,),
+                         b + "attn.proj.weight": (384, 384), b + "attn.proj.bias": (384,),
+                         b + "norm2.weight": (384,), b + "norm2.bias": (384,),
+                         b + "mlp.fc1.weight": (1536, 384), b + "mlp.fc1.bias": (1536,),
+                         b + "mlp.fc2.weight": (384, 1536), b + "mlp.fc2.bias": (384,)})
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+    head = pw.DINOHead(384, 8192)
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {
+        "mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
+        "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+        "last_layer.weight_v": (8192, 256), "last_layer.weight_g": (8192, 1)}
+
+
+def test_head_last_layer_is_weight_normalised_like_torch_weight_norm():
+    head = pw.DINOHead(16, 10, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2)
+    ref = torch.nn.Linear(8, 10, bias=False)
+    with warnings.catch_warnings():  # torch.nn.utils.weight_norm is deprecated, still DINO's
+        warnings.simplefilter("ignore")
+        ref = torch.nn.utils.weight_norm(ref)
+    ref.weight_g.data.copy_(head.last_layer.weight_g.data)
+    ref.weight_v.data.copy_(head.last_layer.weight_v.data)
+    z = torch.randn(5, 8)
+    assert torch.allclose(head.last_layer(z), ref(z), atol=1e-6)
+    assert not pw.DINOHead(16, 10).last_layer.weight_g.requires_grad  # frozen norm by default
+
+
+# ------------------------------------------------------------------------------------------------
+# Patch matching
+# ------------------------------------------------------------------------------------------------
+
+def _match(t_box, t_flip, t_size, s_box, s_flip, s_size, p):
+    return pw.match_patches(torch.tensor([t_box], dtype=torch.float32), torch.tensor([t_flip]), t_size,
+                            torch.tensor([s_box], dtype=torch.float32), torch.tensor([s_flip]), s_size, p)
+
+
+def test_identical_geometry_matches_every_patch_to_itself():
+    index, valid = _match((10, 20, 100, 120), False, 64, (10, 20, 100, 120), False, 64, 8)
+    assert valid.all()
+    assert torch.equal(index[0], torch.arange(64))
+    index, valid = _match((10, 20, 100, 120), True, 64, (10, 20, 100, 120), True, 64, 8)
+    assert valid.all() and torch.equal(index[0], torch.arange(64))
+
+
+def test_flipped_student_over_the_same_box_matches_mirrored_columns():
+    index, valid = _match((0, 0, 50, 50), False, 32, (0, 0, 50, 50), True, 32, 4)
+    g = 8
+    rows, cols = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    assert valid.all()
+    assert torch.equal(index[0], (rows * g + (g - 1 - cols)).flatten())
+
+
+def test_disjoint_boxes_have_no_valid_patch():
+    _, valid = _match((0, 0, 50, 50), False, 32, (60, 60, 40, 40), False, 16, 4)
+    assert not valid.any()
+    _, valid = _match((0, 0, 50, 50), True, 32, (0, 51, 30, 30), True, 16, 4)
+    assert not valid.any()
+
+
+def test_global_local_pair_at_known_boxes_gives_hand_computed_indices():
+    # Teacher: the whole 224x224 image at 224 px, so a teacher patch is 16 original pixels.
+    # Student: box at top 32, left 64, side 48, shown at 96 px: a student patch is 8 original
+    # pixels, its centres at x = 68, 76, ..., 108 -> teacher columns 4 4 5 5 6 6; y = 36 ... 76
+    # -> teacher rows 2 2 3 3 4 4.
+    index, valid = _match((0, 0, 224, 224), False, 224, (32, 64, 48, 48), False, 96, 16)
+    rows, cols = [2, 2, 3, 3, 4, 4], [4, 4, 5, 5, 6, 6]
+    expected = [r * 14 + c for r in rows for c in cols]
+    assert valid.all() and index[0].tolist() == expected
+    # Teacher flipped: column c becomes 13 - c.
+    index, _ = _match((0, 0, 224, 224), True, 224, (32, 64, 48, 48), False, 96, 16)
+    assert index[0].tolist() == [r * 14 + 13 - c for r in rows for c in cols]
+    # Teacher box covering only x in [0, 80): student centres at x 68, 76 inside, 84.. outside.
+    index, valid = _match((0, 0, 224, 80), False, 80, (32, 64, 48, 48), False, 96, 16)
+    assert valid[0].view(6, 6)[:, :2].all() and not valid[0].view(6, 6)[:, 2:].any()
+
+
+def test_match_patches_agrees_with_coordinate_oracle():
+    """Render an image whose pixels hold their own (x, y), cut views with the real spatial
+    augmentation, and check every valid match against the pixels themselves."""
+    H, W, p = 192, 256, 8
+    yy, xx = np.mgrid[0:H, 0:W]
+    img = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8))
+    checked = off_by_one = wrong = invalid_inside = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        glob, local, box, flip = pw.spatial_views(img, rng, 64, 32, 4)
+        views = [glob[0], glob[1]] + list(local)
+        for i, v in itertools.product(range(2), range(6)):
+            if v == i:
+                continue
+            s_size, t_size = views[v].shape[-1], 64
+            index, valid = pw.match_patches(box[i:i + 1], flip[i:i + 1], t_size, box[v:v + 1], flip[v:v + 1], s_size, p)
+            gs, gt = s_size // p, t_size // p
+            s_img, t_img = views[v].float(), views[i].float()  # (3, S, S), values = original pixel index
+            t_px = box[i, 3].item() / t_size  # original pixels per teacher-view pixel
+            for n in range(gs * gs):
+                r, c = divmod(n, gs)
+                cy, cx = r * p + p // 2, c * p + p // 2  # the 2x2 pixels around the patch centre
+                centre = s_img[:, cy - 1:cy + 1, cx - 1:cx + 1].mean((1, 2)) + 0.5  # original coords
+                tr, tc = divmod(index[0, n].item(), gt)
+                patch = t_img[:, tr * p:(tr + 1) * p, tc * p:(tc + 1) * p]
+                lo = patch.amin((1, 2)) + 0.5 - t_px / 2  # the teacher patch's extent in original pixels
+                hi = patch.amax((1, 2)) + 0.5 + t_px / 2
+                if not valid[0, n]:
+                    t_top, t_left, t_h, t_w = box[i].tolist()
+                    inside = (t_left + 1 < centre[0] < t_left + t_w - 1) and (t_top + 1 < centre[1] < t_top + t_h - 1)
+                    invalid_inside += inside
+                    continue
+                checked += 1
+                miss = torch.maximum(lo[:2] - centre[:2], centre[:2] - hi[:2]).max().item()
+                if miss > 1.0:
+                    wrong += 1
+                elif miss > 0.5:  # within one pixel: resampling and uint8 rounding at patch borders
+                    off_by_one += 1
+    assert checked > 1000
+    assert wrong == 0 and invalid_inside == 0
+    assert off_by_one <= 0.02 * checked, (off_by_one, checked)
+
+
+def test_similarity_matching_finds_identical_features():
+    t = torch.randn(2, 9, 16)
+    perm = torch.randperm(9)
+    index, valid = pw.match_by_similarity(t, t[:, perm])
+    assert valid.all() and torch.equal(index, perm.expand(2, 9))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-patch photometric augmentation
+# ------------------------------------------------------------------------------------------------
+
+def _params(n_tiles, seed=0, p_jitter=0.8, p_gray=0.2, n_views=1):
+    return pw.draw_photometric_params(np.random.default_rng(seed), n_views, n_tiles, 0.0, 0.0, p_jitter, p_gray)
+
+
+def test_every_patch_of_a_uniform_image_gets_its_own_colour():
+    x = torch.tensor([0.5, 0.3, 0.6]).view(1, 3, 1, 1).expand(1, 3, 32, 32).contiguous()
+    tile, _ = _params(64, p_jitter=1.0, p_gray=0.0)
+    out = pw.color_jitter_tiles(x, tile)
+    patches = out.reshape(3, 8, 4, 8, 4)  # (3, gh, q, gw, q)
+    colours = patches.mean((2, 4)).reshape(3, 64).T  # (64, 3)
+    assert len({tuple(c) for c in (colours * 1e4).round().tolist()}) == 64
+    # a uniform patch stays uniform: all pixels of a patch share the patch's parameters
+    assert patches.std(dim=(2, 4)).max() < 1e-6
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_per_patch_jitter_equals_torchvision_applied_to_each_patch_alone():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    tile, _ = _params(16, seed=3, n_views=2)
+    out = pw.color_jitter_tiles(x, tile)
+    for b, n in itertools.product(range(2), range(16)):
+        r, c = divmod(n, 4)
+        on, bright, contrast, sat, hue, gray = tile[b, n].tolist()
+        ref = x[b, :, r * 4:r * 4 + 4, c * 4:c * 4 + 4]
+        if on:  # torchvision's ops in our fixed order; contrast pivots on this patch's own mean grey
+            ref = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+                ref, bright), contrast), sat), hue)
+        if gray:
+            ref = TF.rgb_to_grayscale(ref, 3)
+        assert torch.allclose(out[b, :, r * 4:r * 4 + 4, c * 4:c * 4 + 4], ref, atol=1e-5), (b, n)
+
+
+def test_view_mode_applies_one_transform_to_all_patches():
+    x = torch.tensor([0.5, 0.3, 0.6]).view(1, 3, 1, 1).expand(3, 3, 32, 32).contiguous()
+    tile, _ = _params(1, n_views=3, p_jitter=1.0)
+    out = pw.color_jitter_tiles(x, tile)
+    assert (out - out[:, :, :1, :1]).abs().max() < 1e-6  # uniform in, uniform out
+    ref = torch.stack([TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+        x[b], tile[b, 0, 1].item()), tile[b, 0, 2].item()), tile[b, 0, 3].item()), tile[b, 0, 4].item()) for b in range(3)])
+    ref = torch.where(tile[:, 0, 5].view(3, 1, 1, 1) > 0, TF.rgb_to_grayscale(ref, 3), ref)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_same_parameters_give_bit_identical_views_and_blur_matches_reference():
+    torch.manual_seed(0)
+    views = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    tile, view = pw.draw_photometric_params(np.random.default_rng(1), 4, 64, [1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 0.0])
+    a, b = pw.photometric_augment(views, tile, view), pw.photometric_augment(views, tile, view)
+    assert torch.equal(a, b)
+    # blur: each image with its own sigma equals torchvision's Gaussian blur with that sigma
+    x = torch.rand(3, 3, 20, 20)
+    sigma = torch.tensor([0.0, 0.7, 1.9])
+    out = pw.gaussian_blur(x, sigma)
+    assert torch.allclose(out[0], x[0])
+    for i in (1, 2):
+        ref = TF.gaussian_blur(x[i:i + 1], kernel_size=13, sigma=sigma[i].item())
+        assert torch.allclose(out[i:i + 1], ref, atol=1e-5)
+
+
+def test_spatial_views_are_a_pure_function_of_the_generator():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    a = pw.spatial_views(img, np.random.default_rng((1, 2, 3)), 32, 16, 3)
+    b = pw.spatial_views(img, np.random.default_rng((1, 2, 3)), 32, 16, 3)
+    c = pw.spatial_views(img, np.random.default_rng((1, 2, 4)), 32, 16, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[2], c[2])
+    glob, local, box, flip = a
+    assert glob.shape == (2, 3, 32, 32) and local.shape == (3, 3, 16, 16) and glob.dtype == torch.uint8
+    assert box.shape == (5, 4) and flip.shape == (5,)
+    top, left, h, w = box.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50 + 1e-4).all() and (left + w <= 70 + 1e-4).all()
+    area = h * w / (50 * 70)
+    assert (area[:2] >= 0.4 - 1e-4).all() and (area[2:] <= 0.4 + 1e-4).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss
+# ------------------------------------------------------------------------------------------------
+
+def _dino_loss_reference(student, teacher, center, t_temp, s_temp=0.1):
+    """DINO's DINOLoss, written from its definition in float64: CLS outputs only."""
+    student, teacher, center = student.double(), teacher.double(), center.double()
+    total, n = 0.0, 0
+    for i, t in enumerate(teacher):
+        q = torch.softmax((t - center) / t_temp, dim=-1)
+        for v, s in enumerate(student):
+            if v == i:
+                continue
+            total = total + torch.sum(-q * torch.log_softmax(s / s_temp, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+def test_loss_without_patch_term_is_the_dino_loss():
+    torch.manual_seed(0)
+    B, K, V = 4, 32, 5
+    student = [torch.randn(B, 1 + (9 if v < 2 else 4), K) for v in range(V)]
+    teacher = [torch.randn(B, 10, K) for _ in range(2)]
+    loss_fn = pw.PWSelfLoss(K, epochs=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                            warmup_teacher_temp_epochs=5, patch_loss_weight=0.0)
+    loss_fn.center_cls.normal_()
+    center = loss_fn.center_cls.clone()
+    total, image, patch = loss_fn(student, teacher, {}, epoch=2)
+    t_temp = np.linspace(0.04, 0.07, 5)[2]
+    ref = _dino_loss_reference(torch.stack([s[:, 0] for s in student]), torch.stack([t[:, 0] for t in teacher]),
+                               center, t_temp)
+    assert abs(total.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert patch.item() == 0.0 and total.item() == image.item()
+
+
+def _random_matches(B, sizes, n_t, G=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {(i, v): (torch.randint(0, n_t, (B, n), generator=g), torch.rand(B, n, generator=g) < 0.6)
+            for i in range(G) for v, n in enumerate(sizes) if v != i}
+
+
+def test_patch_loss_is_the_mean_over_valid_matched_patches():
+    torch.manual_seed(1)
+    B, K, sizes, n_t = 3, 8, [4, 4, 1, 1], 4
+    student = [torch.randn(B, 1 + n, K) for n in sizes]
+    teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
+    matches = _random_matches(B, sizes, n_t)
+    loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.5)
+    loss_fn.center_patch.normal_()
+    cp = loss_fn.center_patch.clone().double()
+    total, image, patch = loss_fn(student, teacher, matches, epoch=0)
+    terms = []
+    for (i, v), (index, valid) in matches.items():
+        ce = []
+        for b in range(B):
+            for n in range(sizes[v]):
+                if valid[b, n]:
+                    q = torch.softmax((teacher[i][b, 1 + index[b, n]].double() - cp[0]) / 0.04, -1)
+                    ce.append(-(q * torch.log_softmax(student[v][b, 1 + n].double() / 0.1, -1)).sum())
+        terms.append(torch.stack(ce).mean() if ce else torch.zeros((), dtype=torch.float64))
+    ref = 0.5 * torch.stack(terms).mean()
+    assert abs(patch.item() - ref.item()) < 1e-5 * ref.item()
+    assert abs(total.item() - image.item() - patch.item()) < 1e-5
+
+
+def test_token_mean_weighting_matches_its_definition_on_a_tiny_example():
+    torch.manual_seed(2)
+    B, K, sizes, n_t = 2, 3, [2, 2, 1], 2
+    student = [torch.randn(B, 1 + n, K) for n in sizes]
+    teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
+    matches = _random_matches(B, sizes, n_t, seed=5)
+    loss_fn = pw.PWSelfLoss(K, epochs=1, loss_weighting="token_mean")
+    total, _, _ = loss_fn(student, teacher, matches, epoch=0)
+
+    def ce(t, s):
+        return -(torch.softmax(t.double() / 0.04, -1) * torch.log_softmax(s.double() / 0.1, -1)).sum()
+    pair_losses = []
+    for (i, v), (index, valid) in matches.items():
+        tokens = [ce(teacher[i][b, 0], student[v][b, 0]) for b in range(B)]
+        tokens += [ce(teacher[i][b, 1 + index[b, n]], student[v][b, 1 + n])
+                   for b in range(B) for n in range(sizes[v]) if valid[b, n]]
+        pair_losses.append(sum(tokens) / len(tokens))
+    ref = sum(pair_losses) / len(pair_losses)
+    assert abs(total.item() - ref.item()) < 1e-5 * ref.item()
+
+
+def test_no_valid_patch_gives_finite_loss_and_zero_patch_part():
+    B, K = 2, 16
+    student = [torch.randn(B, 5, K) for _ in range(4)]
+    teacher = [torch.randn(B, 5, K) for _ in range(2)]
+    matches = {(i, v): (torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, 4, dtype=torch.bool))
+               for i in range(2) for v in range(4) if v != i}
+    for weighting in ("sum", "token_mean"):
+        total, image, patch = pw.PWSelfLoss(K, epochs=1, loss_weighting=weighting)(student, teacher, matches, 0)
+        assert torch.isfinite(total) and patch.item() == 0.0 and total.item() == image.item()
+
+
+def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
+    B, K = 3, 8
+    student = [torch.randn(B, 5, K, requires_grad=True) for _ in range(3)]
+    teacher = [torch.randn(B, 5, K, requires_grad=True) for _ in range(2)]
+    matches = _random_matches(B, [4, 4, 4], 4)
+    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn.center_cls.fill_(0.5)
+    loss_fn.center_patch.fill_(-0.5)
+    total, _, _ = loss_fn(student, teacher, matches, 0)
+    total.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
+    assert all(t.grad is None for t in teacher)
+    cls_mean = torch.cat([t[:, 0] for t in teacher]).mean(0)
+    patch_mean = torch.cat([t[:, 1:].reshape(-1, K) for t in teacher]).mean(0)
+    assert torch.allclose(loss_fn.center_cls[0], 0.9 * 0.5 + 0.1 * cls_mean.detach(), atol=1e-6)
+    assert torch.allclose(loss_fn.center_patch[0], 0.9 * -0.5 + 0.1 * patch_mean.detach(), atol=1e-6)

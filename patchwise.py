@@ -189,8 +189,6 @@ def check_args(args):
                             f"use a multiple such as {size // args.patch_size * args.patch_size or args.patch_size}")
     if args.batch_size < 1 or args.epochs < 1:
         raise UserError("--batch_size and --epochs must be positive")
-    if args.data not in ("synthetic",) and args.data != "cifar10" and not os.path.isdir(args.data_path):
-        raise UserError(f"--data_path {args.data_path} does not exist; point it at the folder holding train/ and val/")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -765,6 +763,8 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
             raise UserError(f"CIFAR-10 not found under --data_path {data_path}; add --download or point "
                             f"--data_path at the folder holding cifar-10-batches-py") from None
         return train, val, 10
+    if not os.path.isdir(data_path):
+        raise UserError(f"--data_path {data_path} does not exist; point it at the folder holding train/ and val/")
     splits = []
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
@@ -885,9 +885,11 @@ def unwrap(model):
 
 def prepare_views(batch, device):
     """Move a collated batch to the device and apply the photometric augmentation there.
-    Returns global views (G B, 3, Sg, Sg) and local views (L B, 3, Sl, Sl) in view-major order
-    (all images' view 0, then view 1, ...), as DINO stacks them."""
+    Returns global views (G B, 3, Sg, Sg) and local views (L B, 3, Sl, Sl), None when L is 0, in
+    view-major order (all images' view 0, then view 1, ...), as DINO stacks them."""
     def views(key, tile_key, params):
+        if batch[key].shape[1] == 0:  # --n_local 0
+            return None
         x = batch[key].to(device, non_blocking=True)  # (B, n, 3, S, S) uint8
         tile = batch[tile_key].to(device, non_blocking=True)  # (B, n, G, 6)
         return photometric_augment(x.transpose(0, 1).flatten(0, 1), tile.transpose(0, 1).flatten(0, 1),
@@ -915,7 +917,7 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
         s_tokens, s_logits = student([glob, local] if L else [glob])
     teacher_out = t_logits[0].chunk(G)  # G x (B, 1 + N_t, K)
     student_out = s_logits[0].chunk(G) + (s_logits[1].chunk(L) if L else ())
-    sizes = [glob.shape[-1]] * G + [local.shape[-1]] * L
+    sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
 
     matches = {}
     if loss_fn.patch_loss_weight > 0:
@@ -1121,8 +1123,8 @@ def train(args):
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
             losses = torch.stack(train_step(
-                student, teacher, loss_fn, optimizer, batch, epoch=epoch, lr=lr_schedule[step],
-                wd=wd_schedule[step], momentum=momentum_schedule[step], patch_size=args.patch_size,
+                student, teacher, loss_fn, optimizer, batch, epoch=epoch, lr=float(lr_schedule[step]),
+                wd=float(wd_schedule[step]), momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
                 matching=args.matching, clip_grad=args.clip_grad,
                 freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype))  # (3,) total, image, patch
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
@@ -1181,8 +1183,9 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
         sim_k, idx = sim.topk(k, dim=1)  # (c, k)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
         votes.scatter_add_(1, train_labels[idx], (sim_k / T).exp())  # (c, C)
-        pred = votes.topk(min(5, num_classes), dim=1).indices  # (c, 5)
-        correct = pred == test_labels[start:start + chunk].unsqueeze(1)
+        score, pred = votes.topk(min(5, num_classes), dim=1)  # (c, 5)
+        # A class no neighbour voted for is no prediction, even if it ties into the top 5.
+        correct = (pred == test_labels[start:start + chunk].unsqueeze(1)) & (score > 0)
         top1 += correct[:, 0].sum().item()
         top5 += correct.any(dim=1).sum().item()
     n = len(test_features)

@@ -391,3 +391,204 @@ def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     patch_mean = torch.cat([t[:, 1:].reshape(-1, K) for t in teacher]).mean(0)
     assert torch.allclose(loss_fn.center_cls[0], 0.9 * 0.5 + 0.1 * cls_mean.detach(), atol=1e-6)
     assert torch.allclose(loss_fn.center_patch[0], 0.9 * -0.5 + 0.1 * patch_mean.detach(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data, sampler, k-NN
+# ------------------------------------------------------------------------------------------------
+
+def test_views_depend_only_on_seed_epoch_and_index_not_on_workers():
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(40, 10))
+    ds = pw.MultiViewDataset(train, seed=3, global_size=32, local_size=16, n_local=2, patch_size=4)
+    sampler = pw.EpochSampler(ds, num_replicas=1, rank=0, seed=3, batch_size=8)
+    sampler.set_epoch(1)
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=workers)
+        return list(loader)
+    a, b = batches(0), batches(2)
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert a[0]["tile_global"].shape == (8, 2, 64, 6) and a[0]["tile_local"].shape == (8, 2, 16, 6)
+    assert not torch.equal(ds[(2, 0)]["global_views"], ds[(1, 0)]["global_views"])  # a new epoch, new views
+    assert ds[(2, 0)]["box"].shape == (4, 4)
+
+
+def test_ranks_together_see_the_single_process_global_batches_and_resume_mid_epoch():
+    ds = list(range(103))
+    single = pw.EpochSampler(ds, num_replicas=1, rank=0, seed=7, batch_size=12)
+    ranks = [pw.EpochSampler(ds, num_replicas=3, rank=r, seed=7, batch_size=4) for r in range(3)]
+    for s in [single] + ranks:
+        s.set_epoch(5)
+    one = [k for _, k in single]
+    per_rank = [[k for _, k in s] for s in ranks]
+    for b in range(len(one) // 12):
+        union = sorted(sum((r[b * 4:(b + 1) * 4] for r in per_rank), []))
+        assert union == sorted(one[b * 12:(b + 1) * 12])
+    single.set_epoch(5, start_batch=3)
+    assert [k for _, k in single] == one[36:]
+    assert all(e == 5 for e, _ in single)
+
+
+def _knn_reference(train_f, train_y, test_f, test_y, k, T, C):
+    """DINO's knn_classifier, one test image at a time."""
+    top1 = top5 = 0
+    for f, y in zip(test_f, test_y):
+        sim = train_f @ f
+        s, idx = sim.topk(k)
+        votes = torch.zeros(C)
+        for si, i in zip(s, idx):
+            votes[train_y[i]] += math.exp(si / T)
+        pred = [c for c in votes.argsort(descending=True)[:5].tolist() if votes[c] > 0]
+        top1 += int(pred[0] == y)
+        top5 += int(y in pred)
+    return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
+
+
+def test_knn_classify_matches_dinos_weighted_vote():
+    torch.manual_seed(0)
+    C = 7
+    centres = F.normalize(torch.randn(C, 16), dim=1)
+    train_y, test_y = torch.randint(0, C, (300,)), torch.randint(0, C, (50,))
+    train_f = F.normalize(centres[train_y] + 0.6 * torch.randn(300, 16), dim=1)
+    test_f = F.normalize(centres[test_y] + 0.6 * torch.randn(50, 16), dim=1)
+    for k in (1, 5, 20):
+        got = pw.knn_classify(train_f, train_y, test_f, test_y, k=k, T=0.07, num_classes=C)
+        ref = _knn_reference(train_f, train_y, test_f, test_y, k, 0.07, C)
+        assert got == pytest.approx(ref)
+    assert 40 < got[0] < 100 and got[1] >= got[0]  # informative features, not chance, not trivial
+    assert pw.knn_classify(centres[train_y], train_y, centres[test_y], test_y)[0] == 100.0
+
+
+def test_extract_features_returns_dataset_order_and_normalised_cls():
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(20, 10))
+    ds = pw.EvalDataset(train, 32)
+    backbone = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
+    feats, labels = pw.extract_features(backbone, ds, batch_size=6, device=torch.device("cpu"))
+    assert feats.shape == (20, 192) and torch.equal(labels, torch.as_tensor(train.targets))
+    x = torch.stack([ds[i][0] for i in (3, 17)])
+    with torch.no_grad():
+        direct = F.normalize(backbone.eval()(pw.normalize(x.float() / 255))[:, 0], dim=1)
+    assert torch.allclose(feats[[3, 17]], direct, atol=1e-5)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(20), atol=1e-5)
+
+
+def _write_image_folder(root, n_per_class=6, sizes=((40, 30), (25, 50))):
+    modes = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n_per_class):
+                w, h = sizes[i % len(sizes)]
+                img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+                mode = modes[i % len(modes)]
+                img = img.convert("L").convert("I;16") if mode == "I;16" else img.convert(mode)
+                img.save(os.path.join(root, split, c, f"{i}.{'jpg' if mode in ('RGB', 'L', 'CMYK') else 'png'}"))
+
+
+def test_image_folder_of_mixed_modes_and_small_images_trains(tmp_path):
+    _write_image_folder(tmp_path / "data")
+    train, val, n_classes = pw.build_datasets("folder", str(tmp_path / "data"))
+    assert (len(train), len(val), n_classes) == (12, 12, 2)
+    pw.main(["--data", "folder", "--data_path", str(tmp_path / "data"), "--arch", "vit_tiny", "--depth", "1",
+             "--patch_size", "8", "--global_size", "48", "--local_size", "16", "--n_local", "2",
+             "--out_dim", "64", "--head_hidden_dim", "32", "--bottleneck_dim", "16", "--batch_size", "4",
+             "--epochs", "1", "--num_workers", "0", "--knn_k", "3", "--output_dir", str(tmp_path / "out")])
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
+    assert len(log) == 1 and math.isfinite(log[0]["train_loss"]) and "knn_top1_k3" in log[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training end to end
+# ------------------------------------------------------------------------------------------------
+
+TINY = ["--data", "synthetic", "--synthetic_size", "96", "40", "--depth", "1", "--patch_size", "8",
+        "--out_dim", "64", "--head_hidden_dim", "32", "--bottleneck_dim", "16", "--n_local", "2",
+        "--batch_size", "16", "--knn_k", "5", "10", "--log_every", "2"]
+
+
+def test_training_writes_safe_dino_layout_checkpoints_and_json_logs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    results = pw.main(TINY + ["--epochs", "2", "--output_dir", out])
+    printed = capsys.readouterr().out
+    assert "k-NN of the randomly initialised teacher" in printed and "k-NN of the trained teacher" in printed
+    assert "ETA" in printed and "img/s" in printed
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)  # no pickled objects
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["depth"] == 1
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 0
+    for key in ("teacher", "student"):
+        names = set(ckpt[key])
+        assert "backbone.cls_token" in names and "head.last_layer.weight_v" in names
+        assert all(n.startswith(("backbone.", "head.")) for n in names)
+    # the teacher moved away from the student's init, by EMA, and differs from the student
+    assert not torch.equal(ckpt["teacher"]["backbone.pos_embed"], ckpt["student"]["backbone.pos_embed"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert [e["epoch"] for e in log] == [0, 1]
+    assert all(k in log[-1] for k in ("train_loss", "train_loss_image", "train_loss_patch", "knn_top1_k10"))
+    assert log[-1]["train_loss"] == pytest.approx(log[-1]["train_loss_image"] + log[-1]["train_loss_patch"], rel=1e-5)
+    # --eval_only on that checkpoint gives the same k-NN as the end of training
+    again = pw.main(TINY + ["--epochs", "2", "--output_dir", out, "--eval_only"])
+    assert again["knn_top1_k10"] == pytest.approx(results["knn_top1_k10"])
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    pw.main(TINY + ["--epochs", "1", "--output_dir", out, "--no_initial_knn"])
+    capsys.readouterr()
+    pw.main(TINY + ["--epochs", "2", "--output_dir", out, "--resume"])
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "epoch 1, iteration 0" in printed
+    assert "randomly initialised" not in printed and "epoch 1/2" not in printed and "epoch 2/2" in printed
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.txt"))] == [0, 1]
+
+
+def test_similarity_matching_and_dino_mode_train(tmp_path):
+    for i, extra in enumerate((["--matching", "similarity"], ["--patch_loss_weight", "0", "--photometric", "view"],
+                               ["--loss_weighting", "token_mean", "--n_local", "0"])):
+        pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", str(tmp_path / str(i))] + extra)
+        log = json.loads(open(tmp_path / str(i) / "log.txt").read())
+        assert math.isfinite(log["train_loss"])
+        assert (log["train_loss_patch"] == 0.0) == (extra[1] == "0")
+
+
+def _run(args, env=None, timeout=300):
+    return subprocess.run([sys.executable] + args, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_torchrun_with_two_processes_trains_and_evaluates_on_cpu(tmp_path):
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "patchwise.py"] + TINY +
+             ["--epochs", "1", "--output_dir", str(tmp_path), "--device", "cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 process(es)" in r.stdout and "k-NN of the trained teacher" in r.stdout
+    assert r.stdout.count("k-NN of the trained teacher") == 1  # rank 0 alone prints
+
+
+def test_user_mistakes_end_with_one_line_and_no_traceback(tmp_path):
+    cases = [
+        (["--global_size", "30"], "not divisible by --patch_size"),
+        (["--data", "folder", "--data_path", str(tmp_path / "missing")], "does not exist"),
+        (["--data", "cifar10", "--data_path", str(tmp_path)], "add --download"),
+        (["--resume", "--output_dir", str(tmp_path / "fresh")], "no checkpoint"),
+    ]
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    cases.append((["--data", "folder", "--data_path", str(tmp_path / "empty")], "no images"))
+    for args, words in cases:
+        r = _run(["patchwise.py"] + args, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr
+        assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_every_runs_sh_command_is_accepted_by_the_parser():
+    r = subprocess.run(["bash", "runs.sh", "--dry-run"], cwd=HERE, capture_output=True, text=True, check=True)
+    commands = r.stdout.strip().splitlines()
+    assert len(commands) == 12  # 3 datasets x (PW-Self, DINO) x (pretrain, k-NN)
+    for line in commands:
+        words = line.split()
+        assert words[0] == "torchrun" and "patchwise.py" in words
+        args = pw.resolve_args(words[words.index("patchwise.py") + 1:])
+        pw.check_args(args)
+        assert args.data in ("cifar10", "in100", "in1k")

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Reproduce the PW-Self experiments on GPUs: pretraining (k-NN is printed at its end), then a
+# separate k-NN pass over the saved teacher. Each dataset is run twice at the same budget:
+# PW-Self, and plain DINO (no patch loss, per-view colour augmentation) as the baseline.
+#
+#   bash runs.sh --dry-run            # print the commands only
+#   bash runs.sh cifar10 in100        # run some of them
+#
+# Set through the environment:
+#   DATA_ROOT   holds cifar10/, imagenet100/{train,val}, imagenet/{train,val}   (default: data)
+#   OUT         where each run writes its checkpoint.pth and log.txt            (default: runs)
+#   NGPUS       GPUs per node                                                   (default: 8)
+#   NNODES      nodes; above 1 also set NODE_RANK and RDZV_ENDPOINT=host:port on every node
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+DATA_ROOT=${DATA_ROOT:-data}
+OUT=${OUT:-runs}
+NGPUS=${NGPUS:-8}
+NNODES=${NNODES:-1}
+EXPERIMENTS=("$@")
+[ ${#EXPERIMENTS[@]} -gt 0 ] || EXPERIMENTS=(cifar10 in100 in1k)
+
+if [ "$NNODES" -gt 1 ]; then
+  LAUNCH="torchrun --nnodes=$NNODES --nproc_per_node=$NGPUS --node_rank=${NODE_RANK:?set NODE_RANK} --rdzv_backend=c10d --rdzv_endpoint=${RDZV_ENDPOINT:?set RDZV_ENDPOINT}"
+else
+  LAUNCH="torchrun --nproc_per_node=$NGPUS"
+fi
+
+run() {
+  echo "$*"
+  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
+}
+
+for exp in "${EXPERIMENTS[@]}"; do
+  case "$exp" in
+    cifar10) data=(--data cifar10 --data_path "$DATA_ROOT/cifar10" --download) ;;
+    in100)   data=(--data in100 --data_path "$DATA_ROOT/imagenet100") ;;
+    in1k)    data=(--data in1k --data_path "$DATA_ROOT/imagenet") ;;
+    *) echo "runs.sh: unknown experiment '$exp'; choose from cifar10 in100 in1k" >&2; exit 2 ;;
+  esac
+  for method in pwself dino; do
+    extra=()
+    [ "$method" = dino ] && extra=(--patch_loss_weight 0 --photometric view)
+    out="$OUT/${exp}_$method"
+    # A preempted run continues where its last checkpoint left it when the script is run again.
+    resume=()
+    [ -f "$out/checkpoint.pth" ] && resume=(--resume)
+    run $LAUNCH patchwise.py "${data[@]}" "${extra[@]}" --output_dir "$out" "${resume[@]}"
+    run $LAUNCH patchwise.py "${data[@]}" "${extra[@]}" --output_dir "$out" --eval_only
+  done
+done

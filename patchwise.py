@@ -43,6 +43,7 @@ DEFAULTS = dict(
     out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
     head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
     global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+    blur_sigma=(0.1, 2.0),
     batch_size=512,  # global, over all ranks
     epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
     momentum_teacher=0.996, clip_grad=3.0, freeze_last_layer=1,
@@ -115,6 +116,9 @@ def build_parser():
     a.add_argument("--n_local", type=int, default=None, help="Number of local views (0 is allowed).")
     a.add_argument("--global_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, globals.")
     a.add_argument("--local_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, locals.")
+    a.add_argument("--blur_sigma", type=float, nargs=2, default=None,
+                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) suits "
+                        "224 px views; at 32 px a sigma of 2 erases the shapes themselves.")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
                    help="patch: every patch draws its own colour jitter and grayscale (PW-Self); "
                         "view: one draw per view (plain DINO, for ablations).")
@@ -176,6 +180,7 @@ def resolve_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
     args.global_scale, args.local_scale = tuple(args.global_scale), tuple(args.local_scale)
+    args.blur_sigma = tuple(args.blur_sigma)
     args.knn_k = tuple(args.knn_k)
     return args
 
@@ -189,6 +194,10 @@ def check_args(args):
                             f"use a multiple such as {size // args.patch_size * args.patch_size or args.patch_size}")
     if args.batch_size < 1 or args.epochs < 1:
         raise UserError("--batch_size and --epochs must be positive")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if args.batch_size % world:
+        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; use a "
+                        f"multiple of {world} such as {max(world, args.batch_size // world * world)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +462,7 @@ def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4,
 
 
 def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
-                            jitter=(0.4, 0.4, 0.2, 0.1)):
+                            jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=(0.1, 2.0)):
     """Draw DINO's colour augmentation for n_views views, each cut into n_tiles tiles that draw
     independently: n_tiles = patches per view for PW-Self, 1 for plain per-view DINO.
     Returns tile params float32 (n_views, n_tiles, 6) = (jitter on, brightness, contrast,
@@ -468,7 +477,7 @@ def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=
                      -h + 2 * h * u[..., 4],
                      u[..., 5] < p_gray], axis=-1).astype(np.float32)
     u = rng.random((n_views, 3), dtype=np.float32)
-    sigma = np.where(u[:, 0] < np.asarray(p_blur), 0.1 + 1.9 * u[:, 1], 0.0)
+    sigma = np.where(u[:, 0] < np.asarray(p_blur), blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 1], 0.0)
     view = np.stack([sigma, u[:, 2] < np.asarray(p_solarize)], axis=-1).astype(np.float32)
     return torch.from_numpy(tile), torch.from_numpy(view)
 
@@ -771,10 +780,32 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
         if not os.path.isdir(root):
             raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ ImageFolders")
         try:
-            splits.append(torchvision.datasets.ImageFolder(root))
+            splits.append(torchvision.datasets.ImageFolder(root, loader=load_image))
         except FileNotFoundError as e:
             raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of images per class") from None
     return splits[0], splits[1], len(splits[0].classes)
+
+
+def load_image(path):
+    """Any image file as 8-bit RGB. Grayscale, palette, RGBA and CMYK are converted by PIL; 16-bit
+    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates them)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()  # decode now, so a truncated file fails here and not mid-augmentation
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        a = a * (255 / 65535) if a.max() > 255 else a
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+# PIL's errors for files that are corrupt, truncated or not images at all.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def describe(base, index):
+    samples = getattr(base, "samples", None)
+    return samples[index][0] if samples else f"sample {index}"
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
@@ -783,8 +814,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
     A worker only decodes, crops, resizes and flips; the colour work waits for the device."""
 
     def __init__(self, base, seed, global_size, local_size, n_local, patch_size, photometric="patch",
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
-        self.base, self.seed, self.photometric = base, seed, photometric
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur_sigma=(0.1, 2.0)):
+        self.base, self.seed, self.photometric, self.blur_sigma = base, seed, photometric, blur_sigma
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.patch_size, self.global_scale, self.local_scale = patch_size, global_scale, local_scale
 
@@ -794,16 +825,29 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key
         rng = np.random.default_rng((self.seed, epoch, index))
-        img, label = self.base[index]
+        bad = 0
+        while True:
+            try:
+                img, label = self.base[index]
+                break
+            except UNREADABLE as e:
+                # Report it, and train on another image drawn from this sample's own generator,
+                # so the replacement too is the same on every run.
+                print(f"patchwise: warning: skipping unreadable image {describe(self.base, index)} ({e})",
+                      file=sys.stderr)
+                bad += 1
+                index = int(rng.integers(len(self.base)))
         glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size, self.local_size,
                                                self.n_local, self.global_scale, self.local_scale)
         tiles = (lambda size: (size // self.patch_size) ** 2) if self.photometric == "patch" else (lambda size: 1)
         # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
         # time on locals; solarization on global 2 only.
-        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size), [1.0, 0.1], [0.0, 0.2])
-        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles(self.local_size), 0.5, 0.0)
+        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size), [1.0, 0.1], [0.0, 0.2],
+                                                 blur_sigma=self.blur_sigma)
+        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles(self.local_size), 0.5, 0.0,
+                                                 blur_sigma=self.blur_sigma)
         return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
-                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label)
+                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label, bad=bad)
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -837,7 +881,12 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         import torchvision.transforms.functional as TF
-        img, label = self.base[index]
+        try:
+            img, label = self.base[index]
+        except UNREADABLE as e:  # k-NN still needs a row for it: a black image, reported
+            print(f"patchwise: warning: unreadable image {describe(self.base, index)} ({e}); k-NN uses a "
+                  f"black image in its place", file=sys.stderr)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.base.targets[index], index
         img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
                                        interpolation=TF.InterpolationMode.BICUBIC), self.size)
         return TF.pil_to_tensor(img), label, index
@@ -1029,28 +1078,28 @@ def train(args):
     k-NN. The only function besides main that reads `args`."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; use a "
-                        f"multiple of {world} such as {max(world, args.batch_size // world * world)}")
     local_batch = args.batch_size // world
-    torch.manual_seed(args.seed * 1000 + rank)  # drop path only: every augmentation draw is per sample
     prepare_output_dir(args.output_dir)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
 
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size, args.n_local,
-                               args.patch_size, args.photometric, args.global_scale, args.local_scale)
+                               args.patch_size, args.photometric, args.global_scale, args.local_scale,
+                               args.blur_sigma)
     sampler = EpochSampler(dataset, world, rank, args.seed, local_batch)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0)
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+        generator=torch.Generator())  # its own generator: the global one drives drop path and is checkpointed
     iters = len(sampler) // local_batch
     if iters == 0:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
                         f"{args.batch_size}; lower --batch_size")
 
+    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student, not the teacher
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
+    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
     teacher.load_state_dict(student.state_dict())  # teacher and student start equal (DINO)
     teacher.requires_grad_(False)
     if world > 1:
@@ -1107,10 +1156,14 @@ def train(args):
 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
 
-    def stop_if_not_finite():
+    def stop_if_not_finite(weights_too=False):
+        # The loss lags the weights by one step, so before a save the weights are checked too.
+        if weights_too and not all(bool(p.isfinite().all()) for p in unwrap(student).parameters()):
+            raise UserError(f"the weights became non-finite at iteration {step} (epoch {epoch + 1}); {ckpt_path} "
+                            f"holds the last good state; lower --lr or --teacher_temp and resume with --resume")
         if first_bad.item() >= 0:  # one host sync, only at logging and checkpoint time
             raise UserError(f"the loss became non-finite at iteration {first_bad.item()} (epoch "
-                            f"{first_bad.item() // iters}); {ckpt_path} holds the last good state; lower "
+                            f"{first_bad.item() // iters + 1}); {ckpt_path} holds the last good state; lower "
                             f"--lr or --teacher_temp and resume with --resume")
 
     total_steps = args.epochs * iters
@@ -1119,6 +1172,7 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
         epoch_sum = torch.zeros(3, device=device)
+        bad_images = 0  # unreadable files met this epoch (replaced by others)
         window_sum, window_start, window_time = torch.zeros(3, device=device), start_iter, time.time()
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
@@ -1129,6 +1183,7 @@ def train(args):
                 freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype))  # (3,) total, image, patch
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
             epoch_sum += losses
+            bad_images += int(batch["bad"].sum())  # a CPU tensor: no device sync
             window_sum += losses
             if (step + 1) % args.log_every == 0 or it + 1 == iters:
                 stop_if_not_finite()
@@ -1136,20 +1191,27 @@ def train(args):
                 elapsed = time.time() - window_time
                 speed = (it + 1 - window_start) * args.batch_size / max(elapsed, 1e-9)
                 eta = (time.time() - run_start) / (step + 1 - run_start_step) * (total_steps - step - 1)
-                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {mean[0]:.4f} (image "
-                    f"{mean[1]:.4f} patch {mean[2]:.4f})  lr {lr_schedule[step]:.2e}  wd "
+                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {mean[0]:.5f} (image "
+                    f"{mean[1]:.5f} patch {mean[2]:.5f})  lr {lr_schedule[step]:.2e}  wd "
                     f"{wd_schedule[step]:.3f}  mom {momentum_schedule[step]:.5f}  {speed:.0f} img/s  "
                     f"ETA {format_time(eta)}", flush=True)
                 window_sum.zero_()
                 window_start, window_time = it + 1, time.time()
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
-                stop_if_not_finite()
+                stop_if_not_finite(weights_too=True)
                 save(epoch, it + 1)
-        stop_if_not_finite()
+        stop_if_not_finite(weights_too=True)
         epoch_mean = (all_reduce_sum(epoch_sum) / (world * (iters - start_iter))).tolist()
+        bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
+        seen = (iters - start_iter) * args.batch_size
+        if bad_images > args.max_bad_images * seen:
+            raise UserError(f"{bad_images} of {seen} images read in epoch {epoch + 1} were unreadable, more "
+                            f"than --max_bad_images {args.max_bad_images}; fix or remove the files named in "
+                            f"the warnings above, or raise --max_bad_images")
         start_iter = 0
         save(epoch + 1, 0)
         stats = dict(train_loss=epoch_mean[0], train_loss_image=epoch_mean[1], train_loss_patch=epoch_mean[2],
+                     bad_images=bad_images,
                      train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), epoch=epoch)
         last = epoch + 1 == args.epochs
         if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
@@ -1198,7 +1260,8 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
     extracts its share; the shares are gathered so that every rank ends with all of them."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         generator=torch.Generator())  # leaves the global RNG to drop path
     was_training = backbone.training
     backbone.eval()
     feats, labels, index = [], [], []

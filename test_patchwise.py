@@ -487,16 +487,40 @@ def _write_image_folder(root, n_per_class=6, sizes=((40, 30), (25, 50))):
                 img.save(os.path.join(root, split, c, f"{i}.{'jpg' if mode in ('RGB', 'L', 'CMYK') else 'png'}"))
 
 
+FOLDER_RUN = ["--data", "folder", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "8", "--global_size", "48",
+              "--local_size", "16", "--n_local", "2", "--out_dim", "64", "--head_hidden_dim", "32",
+              "--bottleneck_dim", "16", "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--knn_k", "3"]
+
+
 def test_image_folder_of_mixed_modes_and_small_images_trains(tmp_path):
     _write_image_folder(tmp_path / "data")
     train, val, n_classes = pw.build_datasets("folder", str(tmp_path / "data"))
     assert (len(train), len(val), n_classes) == (12, 12, 2)
-    pw.main(["--data", "folder", "--data_path", str(tmp_path / "data"), "--arch", "vit_tiny", "--depth", "1",
-             "--patch_size", "8", "--global_size", "48", "--local_size", "16", "--n_local", "2",
-             "--out_dim", "64", "--head_hidden_dim", "32", "--bottleneck_dim", "16", "--batch_size", "4",
-             "--epochs", "1", "--num_workers", "0", "--knn_k", "3", "--output_dir", str(tmp_path / "out")])
+    assert all(train[i][0].mode == "RGB" for i in range(len(train)))
+    # 16-bit images are scaled to 8 bits, not clipped to white
+    sixteen = [i for i, (path, _) in enumerate(train.samples) if Image.open(path).mode.startswith("I")]
+    assert sixteen and all(np.asarray(train[i][0]).mean() < 200 for i in sixteen)
+    pw.main(FOLDER_RUN + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
     assert len(log) == 1 and math.isfinite(log[0]["train_loss"]) and "knn_top1_k3" in log[0]
+    assert log[0]["bad_images"] == 0
+
+
+def test_corrupt_images_are_reported_replaced_and_counted_until_too_many(tmp_path, capsys):
+    root = tmp_path / "data"
+    _write_image_folder(root, n_per_class=8)
+    good = open(root / "train" / "cat" / "0.jpg", "rb").read()
+    open(root / "train" / "cat" / "0.jpg", "wb").write(good[:len(good) // 2])  # truncated JPEG
+    open(root / "train" / "dog" / "1.png", "wb").write(b"not an image at all")
+    args = FOLDER_RUN + ["--data_path", str(root), "--no_initial_knn"]
+    pw.main(args + ["--output_dir", str(tmp_path / "ok"), "--max_bad_images", "0.5"])
+    err = capsys.readouterr().err
+    assert "0.jpg" in err and "1.png" in err and "unreadable" in err
+    log = json.loads(open(tmp_path / "ok" / "log.txt").read())
+    assert log["bad_images"] >= 1 and math.isfinite(log["train_loss"])
+    with pytest.raises(SystemExit) as stop:
+        pw.main(args + ["--output_dir", str(tmp_path / "strict"), "--max_bad_images", "0"])
+    assert stop.value.code == 2 and "--max_bad_images" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,3 +616,104 @@ def test_every_runs_sh_command_is_accepted_by_the_parser():
         args = pw.resolve_args(words[words.index("patchwise.py") + 1:])
         pw.check_args(args)
         assert args.data in ("cifar10", "in100", "in1k")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: exact resume, atomic checkpoints, rank-count invariance, bad input
+# ------------------------------------------------------------------------------------------------
+
+def _states(path):
+    ckpt = torch.load(path, weights_only=True)
+    return {f"{k}.{n}": t for k in ("teacher", "student") for n, t in ckpt[k].items()}
+
+
+def _kill_after(args, lines, env=None):
+    """Start a run and SIGKILL it once it has logged `lines` iterations."""
+    proc = subprocess.Popen([sys.executable, "patchwise.py"] + args, cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("epoch ")
+        if seen >= lines:
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode == -9, "the run ended before it could be killed"
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    run = TINY + ["--synthetic_size", "96", "40", "--batch_size", "8", "--epochs", "10", "--drop_path", "0.1",
+                  "--ckpt_every", "7", "--log_every", "1", "--no_initial_knn", "--knn_k", "5"]
+    ref = tmp_path / "ref"
+    r = _run(["patchwise.py"] + run + ["--output_dir", str(ref)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    _kill_after(run + ["--output_dir", str(out)], int(rng.integers(15, 50)))
+    _kill_after(run + ["--output_dir", str(out), "--resume"], int(rng.integers(10, 40)))
+    r = _run(["patchwise.py"] + run + ["--output_dir", str(out), "--resume"])
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    a, b = _states(ref / "checkpoint.pth"), _states(out / "checkpoint.pth")
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) == 0.0
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path):
+    proc = subprocess.Popen([sys.executable, "patchwise.py"] + TINY +
+                            ["--epochs", "3", "--ckpt_every", "2", "--no_initial_knn", "--output_dir", str(tmp_path)],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PATCHWISE_TEST_SAVE_PAUSE": "2"})
+    ckpt, tmp = tmp_path / "checkpoint.pth", tmp_path / "checkpoint.pth.tmp"
+    import time
+    deadline = time.time() + 120
+    while not (ckpt.exists() and tmp.exists()) and time.time() < deadline:  # the second save is under way
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert ckpt.exists() and tmp.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 2 and state["epoch"] == 0
+
+
+def _losses(stdout):
+    import re
+    return [float(m) for m in re.findall(r"it \d+/\d+  loss ([0-9.]+)", stdout)]
+
+
+def test_one_and_two_processes_give_the_same_losses_and_teacher(tmp_path):
+    run = TINY + ["--synthetic_size", "320", "40", "--batch_size", "16", "--epochs", "1", "--log_every", "1",
+                  "--no_initial_knn", "--device", "cpu"]
+    one = _run(["patchwise.py"] + run + ["--output_dir", str(tmp_path / "one")])
+    two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "patchwise.py"] + run +
+               ["--output_dir", str(tmp_path / "two")])
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    l1, l2 = _losses(one.stdout), _losses(two.stdout)
+    assert len(l1) == len(l2) == 20
+    assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) < 1e-5 + 5e-6 / min(l1)  # printed to 5 decimals
+    t1, t2 = _states(tmp_path / "one" / "checkpoint.pth"), _states(tmp_path / "two" / "checkpoint.pth")
+    for k in t1:
+        if k.startswith("teacher."):
+            assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+
+
+def test_non_finite_loss_stops_with_the_iteration_and_keeps_a_good_checkpoint(tmp_path):
+    r = _run(["patchwise.py"] + TINY + ["--epochs", "2", "--lr", "1e35", "--ckpt_every", "1", "--log_every", "1",
+                                        "--no_initial_knn", "--output_dir", str(tmp_path)])
+    assert r.returncode == 2 and "non-finite at iteration" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if (tmp_path / "checkpoint.pth").exists():
+        assert all(t.isfinite().all() for t in _states(tmp_path / "checkpoint.pth").values())
+
+
+def test_more_user_mistakes_are_named_with_their_fix(tmp_path):
+    pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", str(tmp_path / "a")])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cases = [
+        (["--resume", "--output_dir", str(tmp_path / "a"), "--patch_size", "4"], {}, "patch_size 8 (checkpoint) vs 4 (now)"),
+        (["--output_dir", str(blocker / "out")], {}, "not writable"),
+        (["--batch_size", "1"], {"WORLD_SIZE": "2"}, "does not split over 2 processes"),
+    ]
+    for args, env, words in cases:
+        r = _run(["patchwise.py"] + TINY + args, env=env, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr

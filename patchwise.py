@@ -9,7 +9,7 @@ student's output for the matching patch.
 
 Read top to bottom; each section uses only what is above it:
     configuration -> model -> augmentation -> matching -> loss -> data -> training
-    -> evaluation -> main
+    -> evaluation -> tools (weights in and out, pictures) -> main
 Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify) takes tensors and plain
 values, so it can be copied alone into another project.
 
@@ -51,15 +51,17 @@ DEFAULTS = dict(
     num_workers=10, knn_every=0, knn_k=(10, 20, 100, 200), log_every=50,
 )
 PRESETS = {
-    # The CPU demo. A 2-core CPU runs a 12-block ViT-tiny at about 6 images/s, and the DINO head
-    # on every patch token costs more than the backbone at these sizes, so everything that sets
-    # the cost per image is cut: 4 blocks, 8x8 patches of 4 px at 32 px, 4 local views, a small
-    # head and K. The synthetic classes are shapes under random colours, learnable in minutes.
-    "synthetic": dict(arch="vit_tiny", patch_size=4, depth=4, drop_path=0.0, out_dim=1024,
+    # The CPU demo, sized to train in under 5 minutes on 2 cores. A 12-block ViT-tiny with 4 px
+    # patches at 32 px runs at about 6 images/s there, and the DINO head on every patch token costs
+    # more than the backbone at such sizes, so everything that sets the cost per image is cut: 4
+    # blocks, 8 px patches (a 4x4 grid), 4 local views, a small head and K. What is left buys about
+    # 1000 optimizer steps, so the batch is small (more steps per image seen) and the teacher
+    # follows the student faster (momentum 0.99) than in a 100-epoch run.
+    "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
-                      n_local=4, batch_size=64, epochs=10, lr=1e-3, warmup_epochs=1,
-                      freeze_last_layer=0, num_workers=0, knn_every=0, log_every=20,
-                      knn_k=(10, 20, 100, 200)),
+                      n_local=4, batch_size=32, epochs=6, lr=4e-3, warmup_epochs=1,
+                      momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, knn_every=0,
+                      log_every=40, knn_k=(10, 20, 100, 200)),
     # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid, as in the paper's CIFAR runs.
     "cifar10": dict(arch="vit_small", patch_size=4, global_size=32, local_size=16, n_local=8,
                     out_dim=4096, batch_size=512, epochs=300, knn_every=20, num_workers=8),
@@ -161,6 +163,23 @@ def build_parser():
     r.add_argument("--no_initial_knn", action="store_true",
                    help="Skip the k-NN of the randomly initialised teacher before training.")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and teacher for the training step (first steps are slow "
+                        "while it compiles).")
+    t = p.add_argument_group("weights and pictures")
+    t.add_argument("--pretrained", default=None,
+                   help="Backbone weights to start from (or, with --eval_only, to evaluate): our checkpoints, "
+                        "DINO's full checkpoints or released backbones, timm ViT state dicts.")
+    t.add_argument("--trust_checkpoint", action="store_true",
+                   help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only for files you trust.")
+    t.add_argument("--export_backbone", default=None, metavar="FILE",
+                   help="Write the teacher backbone of output_dir/checkpoint.pth (or --pretrained) in DINO's "
+                        "released layout, loadable by DINO's and timm's ViT with strict=True.")
+    t.add_argument("--show_matching", default=None, metavar="IMAGE",
+                   help="Draw a teacher and a student view of IMAGE with their matched patches into --out.")
+    t.add_argument("--show_attention", default=None, metavar="IMAGE",
+                   help="Draw the last block's CLS attention per head over IMAGE into --out (needs weights).")
+    t.add_argument("--out", default=None, help="Output PNG of --show_matching / --show_attention.")
     return p
 
 
@@ -390,18 +409,20 @@ class DINOHead(nn.Module):
 class Encoder(nn.Module):
     """Backbone + head, DINO's MultiCropWrapper. Takes a list of view batches, one per resolution,
     so views of one size share one backbone call. Returns, per batch, the backbone tokens
-    (B, 1 + N, D) and the head outputs for every token (B, 1 + N, K)."""
+    (B, 1 + N, D) and the head outputs (B, T, K): for every token (T = 1 + N), or for the CLS token
+    alone (T = 1) when patches=False, which is all plain DINO needs."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops):
+    def forward(self, crops, patches=True):
         tokens = [self.backbone(x) for x in crops]  # each (B_r, 1 + N_r, D)
+        used = [t if patches else t[:, :1] for t in tokens]  # (B_r, T_r, D)
         # One head call over all tokens of all resolutions: fewer, larger matrix products.
-        flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (sum B_r (1 + N_r), D)
-        logits = self.head(flat).split([t.shape[0] * t.shape[1] for t in tokens])
-        return tokens, [z.reshape(*t.shape[:2], -1) for z, t in zip(logits, tokens)]  # (B_r, 1 + N_r, K)
+        flat = torch.cat([t.flatten(0, 1) for t in used])  # (sum B_r T_r, D)
+        logits = self.head(flat).split([t.shape[0] * t.shape[1] for t in used])
+        return tokens, [z.reshape(*t.shape[:2], -1) for z, t in zip(logits, used)]  # (B_r, T_r, K)
 
 
 def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size=224,
@@ -690,13 +711,14 @@ class PWSelfLoss(nn.Module):
     def update_center(self, teacher_out):
         """EMA of the batch mean of teacher outputs, over all ranks: CLS and patch tokens apart."""
         cls = torch.cat([t[:, 0] for t in teacher_out]).float()  # (G B, K)
-        patch = torch.cat([t[:, 1:].flatten(0, 1) for t in teacher_out]).float()  # (G B N_t, K)
+        patch = torch.cat([t[:, 1:].flatten(0, 1) for t in teacher_out]).float()  # (G B N_t, K); empty for DINO
         n = torch.tensor([len(cls), len(patch)], device=cls.device, dtype=torch.float32)
         stats = all_reduce_sum(torch.cat([cls.sum(0), patch.sum(0), n]))
         K = cls.shape[1]
         m = self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
-        self.center_patch.mul_(m).add_(stats[K:2 * K] / stats[-1], alpha=1 - m)
+        if len(patch):  # the same on every rank, and no host sync
+            self.center_patch.mul_(m).add_(stats[K:2 * K] / stats[-1], alpha=1 - m)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -707,12 +729,17 @@ SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "horizontal s
                      "vertical stripes", "checkerboard", "diagonal stripes", "x")
 
 
+# Foreground and background colours of the synthetic set: red, green, blue, yellow.
+SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235, 200, 40]], dtype=np.float64)
+
+
 def make_synthetic_shapes(n, size=32, seed=0):
     """A 10-class image set made in memory: the class is a shape or texture (SYNTHETIC_CLASSES),
-    drawn at a random place and scale in a random foreground colour over a random background, with
-    noise. Colour carries no label, so features that only see colour score at chance, and the
-    colour augmentation has to teach the model to look past it.
-    Returns images uint8 (n, size, size, 3) and labels int64 (n,)."""
+    drawn at a random place and scale, in one palette colour over another, with noise.
+    Colour carries no label. It is also drawn from a small palette on purpose: were each image given
+    its own random colours, two crops of it would share a colour histogram that singles it out
+    among thousands, and self-distillation would learn colour and never shape (SimCLR, section 3,
+    shows the same on ImageNet). Returns images uint8 (n, size, size, 3) and labels int64 (n,)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # (S, S) pixel centres
@@ -739,7 +766,9 @@ def make_synthetic_shapes(n, size=32, seed=0):
         ((np.abs(dx - dy) < arm) | (np.abs(dx + dy) < arm)) & (box < r),
     ])  # (10, n, S, S)
     mask = masks[labels, np.arange(n)][..., None]  # (n, S, S, 1)
-    fg, bg = (rng.uniform(0, 255, (n, 1, 1, 3)) for _ in range(2))
+    pair = rng.permuted(np.tile(np.arange(len(SYNTHETIC_PALETTE)), (n, 1)), axis=1)[:, :2]  # two distinct colours
+    fg = SYNTHETIC_PALETTE[pair[:, 0]].reshape(n, 1, 1, 3)
+    bg = SYNTHETIC_PALETTE[pair[:, 1]].reshape(n, 1, 1, 3)
     images = np.where(mask, fg, bg) + rng.normal(0, 8, (n, size, size, 3))
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
@@ -929,6 +958,8 @@ def ema_update(teacher, student, momentum):
 
 
 def unwrap(model):
+    """The plain module inside the torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -954,6 +985,7 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     forward, match patches, loss, backward, AdamW step, teacher EMA. Returns the loss and its
     image and patch parts as device tensors (no host sync)."""
     device = next(teacher.parameters()).device
+    patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
     glob, local = prepare_views(batch, device)
     G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
     for group in optimizer.param_groups:
@@ -962,8 +994,8 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
 
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         with torch.no_grad():
-            t_tokens, t_logits = teacher([glob])  # the teacher sees only the global views
-        s_tokens, s_logits = student([glob, local] if L else [glob])
+            t_tokens, t_logits = teacher([glob], patches)  # the teacher sees only the global views
+        s_tokens, s_logits = student([glob, local] if L else [glob], patches)
     teacher_out = t_logits[0].chunk(G)  # G x (B, 1 + N_t, K)
     student_out = s_logits[0].chunk(G) + (s_logits[1].chunk(L) if L else ())
     sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
@@ -1100,10 +1132,14 @@ def train(args):
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
     torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
+    if args.pretrained:
+        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained)
     teacher.load_state_dict(student.state_dict())  # teacher and student start equal (DINO)
     teacher.requires_grad_(False)
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    # Compiled twins for the step; `teacher` stays the plain module for EMA, k-NN and checkpoints.
+    student_step, teacher_step = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
     loss_fn = PWSelfLoss(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
                          loss_weighting=args.loss_weighting).to(device)
@@ -1177,7 +1213,7 @@ def train(args):
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
             losses = torch.stack(train_step(
-                student, teacher, loss_fn, optimizer, batch, epoch=epoch, lr=float(lr_schedule[step]),
+                student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch, lr=float(lr_schedule[step]),
                 wd=float(wd_schedule[step]), momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
                 matching=args.matching, clip_grad=args.clip_grad,
                 freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype))  # (3,) total, image, patch
@@ -1302,16 +1338,21 @@ def evaluate_knn(backbone, train_set, val_set, ks, device, batch_size=256, num_w
 
 
 def evaluate(args):
-    """--eval_only: k-NN of the teacher in output_dir/checkpoint.pth."""
+    """--eval_only: k-NN of the teacher in output_dir/checkpoint.pth, or of --pretrained weights."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    path = os.path.join(args.output_dir, "checkpoint.pth")
-    if not os.path.exists(path):
-        raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run")
-    ckpt = load_checkpoint(path)
-    check_same_architecture(ckpt["args"], args, path)
-    teacher = encoder_from_args(args).to(device)
-    teacher.load_state_dict(ckpt["teacher"])
+    teacher = encoder_from_args(args)
+    path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
+    if args.pretrained:
+        load_backbone(teacher.backbone, read_weights(path, args.trust_checkpoint), path)
+    else:
+        if not os.path.exists(path):
+            raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run "
+                            f"or pass --pretrained")
+        ckpt = load_checkpoint(path)
+        check_same_architecture(ckpt["args"], args, path)
+        teacher.load_state_dict(ckpt["teacher"])
+    teacher = teacher.to(device)
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate_knn(teacher.backbone, EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size),
@@ -1322,6 +1363,171 @@ def evaluate(args):
 
 
 # ------------------------------------------------------------------------------------------------
+# Tools: weights in and out, pictures of the matching and of the attention
+# ------------------------------------------------------------------------------------------------
+
+def read_weights(path, trust=False):
+    """torch.load with the safe loader. A file that needs full unpickling (DINO's own checkpoints
+    store an argparse.Namespace) is refused unless the user says they trust it."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
+        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}); is it one?") from None
+        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
+                        f"args that way); if you trust the file, add --trust_checkpoint") from None
+
+
+def backbone_state_dict(state):
+    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
+    our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
+    'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
+    classifier 'head.*' is dropped)."""
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head or timm's classifier
+            out[k.removeprefix("backbone.")] = v
+    return out
+
+
+def load_backbone(backbone, state, source):
+    """Load weights into a VisionTransformer, interpolating the position embedding to its grid, with
+    a one-line error naming what does not fit."""
+    state = backbone_state_dict(state)
+    own = backbone.state_dict()
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+        side = math.isqrt(own["pos_embed"].shape[1] - 1)
+        state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
+    problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
+                for k in own if k in state and state[k].shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+    if problems:
+        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim {backbone.embed_dim}, patch "
+                        f"{backbone.patch_size}): {'; '.join(problems[:4])}; set --arch, --patch_size and --depth to the file's")
+    backbone.load_state_dict(state, strict=True)
+
+
+def pair_colour(i):
+    """A distinct, saturated colour for the i-th item (golden-angle hue steps)."""
+    import colorsys
+    return tuple(int(c * 255) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 1.0))
+
+
+def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
+    """Picture of the method on one image: a teacher global view and a student local view, cut by
+    the real spatial augmentation, each matched pair of patches outlined in one colour (students
+    matched to the same teacher patch share its colour), unmatched student patches greyed. Top row:
+    per-patch colour augmentation; bottom row: per-view (DINO) for contrast.
+    Returns the matched pairs [(student patch, teacher patch)], and the views' box and flip."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+    glob, local, box, flip = spatial_views(image.convert("RGB"), rng, global_size, local_size, 1)
+    index, valid = match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3], local_size, patch_size)
+    pairs = [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]]
+    gap, margin = 16, 8
+    width = 2 * margin + global_size + gap + local_size
+    canvas = Image.new("RGB", (width, 2 * margin + 2 * global_size + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, mode in enumerate(("patch", "view")):
+        views = []
+        for v, x in ((0, glob[0]), (2, local[0])):
+            n_tiles = (x.shape[-1] // patch_size) ** 2 if mode == "patch" else 1
+            tile, _ = draw_photometric_params(np.random.default_rng((seed, row, v)), 1, n_tiles, 0.0, 0.0)
+            views.append(color_jitter_tiles(x[None].float() / 255, tile)[0])  # (3, S, S) in [0, 1]
+        teacher, student = (Image.fromarray((v.permute(1, 2, 0) * 255).round().byte().numpy()) for v in views)
+        valid_grid = valid[0].view(local_size // patch_size, -1)
+        grey = Image.new("RGB", student.size, (128, 128, 128))
+        mask = Image.fromarray((~valid_grid).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1).numpy().astype(np.uint8) * 170)
+        student = Image.composite(grey, student, mask)  # greys the unmatched patches
+        top = margin + row * (global_size + gap)
+        origins = ((margin, top), (margin + global_size + gap, top))  # teacher, student
+        for (ox, oy), img, size in zip(origins, (teacher, student), (global_size, local_size)):
+            canvas.paste(img, (ox, oy))
+            for k in range(0, size + 1, patch_size):  # the ViT patch grid
+                draw.line([(ox + k, oy), (ox + k, oy + size)], fill=(255, 255, 255), width=1)
+                draw.line([(ox, oy + k), (ox + size, oy + k)], fill=(255, 255, 255), width=1)
+        gs, gt = local_size // patch_size, global_size // patch_size
+        for n, t in pairs:
+            colour = pair_colour(t)
+            for (ox, oy), (r, c) in zip(origins, (divmod(t, gt), divmod(n, gs))):
+                draw.rectangle([ox + c * patch_size, oy + r * patch_size, ox + (c + 1) * patch_size - 1,
+                                oy + (r + 1) * patch_size - 1], outline=colour, width=2)
+    canvas.save(out_path)
+    return pairs, box, flip
+
+
+def show_attention(image, out_path, backbone, size=224, mass=0.6):
+    """DINO's attention picture: for each head of the last block, the patches that hold `mass` of the
+    CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
+    import torchvision.transforms.functional as TF
+    img = TF.center_crop(TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    x = normalize(TF.pil_to_tensor(img)[None].float() / 255)
+    with torch.no_grad():
+        attn = backbone.eval().get_last_selfattention(x)[0, :, 0]  # (heads, 1 + N): the CLS token's row
+    g = size // backbone.patch_size
+    cls_to_patch = attn[:, 1:] / attn[:, 1:].sum(1, keepdim=True)  # (heads, N)
+    value, order = cls_to_patch.sort(dim=1, descending=True)
+    keep_sorted = value.cumsum(1) - value < mass  # smallest set of patches holding `mass`
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).view(-1, g, g)  # (heads, g, g)
+    panels = [img]
+    base = np.asarray(img).astype(np.float32)
+    for h in range(len(keep)):
+        m = keep[h].repeat_interleave(backbone.patch_size, 0).repeat_interleave(backbone.patch_size, 1).numpy()[..., None]
+        heat = cls_to_patch[h].view(g, g).repeat_interleave(backbone.patch_size, 0).repeat_interleave(backbone.patch_size, 1).numpy()[..., None]
+        heat = heat / heat.max()
+        colour = np.array(pair_colour(h), dtype=np.float32)
+        panel = np.where(m, 0.35 * base + 0.65 * colour * (0.4 + 0.6 * heat), 0.3 * base)
+        panels.append(Image.fromarray(panel.clip(0, 255).astype(np.uint8)))
+    side = size * max(1, 224 // size)  # small inputs are shown enlarged, pixels kept sharp
+    canvas = Image.new("RGB", (len(panels) * (side + 4) - 4, side), "white")
+    for i, p in enumerate(panels):
+        canvas.paste(p.resize((side, side), Image.Resampling.NEAREST), (i * (side + 4), 0))
+    canvas.save(out_path)
+    return attn
+
+
+def run_tool(args):
+    """--show_matching, --show_attention, --export_backbone: the pictures and the weights export."""
+    backbone = None
+    if args.show_attention or args.export_backbone:
+        backbone = encoder_from_args(args).backbone
+        path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
+        load_backbone(backbone, read_weights(path, args.trust_checkpoint), path)
+    if args.show_matching or args.show_attention:
+        if not args.out:
+            raise UserError("--show_matching and --show_attention need --out FILE.png")
+        image_path = args.show_matching or args.show_attention
+        try:
+            image = load_image(image_path)
+        except UNREADABLE as e:
+            raise UserError(f"cannot read the image {image_path} ({e})") from None
+        if args.show_matching:
+            pairs, _, _ = show_matching(image, args.out, args.patch_size, args.global_size, args.local_size, args.seed)
+            gs, gt = args.local_size // args.patch_size, args.global_size // args.patch_size
+            print(f"{len(pairs)} of {gs * gs} student patches matched: " + ", ".join(
+                f"{divmod(n, gs)}->{divmod(t, gt)}" for n, t in pairs))
+        else:
+            show_attention(image, args.out, backbone, args.global_size)
+        print(f"wrote {args.out}")
+    if args.export_backbone:
+        # DINO's released layout: the bare ViT state dict, loadable with strict=True by DINO's and timm's ViT.
+        torch.save(backbone.state_dict(), args.export_backbone)
+        print(f"wrote the teacher backbone to {args.export_backbone}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
@@ -1329,6 +1535,8 @@ def main(argv=None):
     try:
         args = resolve_args(argv)
         check_args(args)
+        if args.show_matching or args.show_attention or args.export_backbone:
+            return run_tool(args)
         return evaluate(args) if args.eval_only else train(args)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:

@@ -717,3 +717,110 @@ def test_more_user_mistakes_are_named_with_their_fix(tmp_path):
         r = _run(["patchwise.py"] + TINY + args, env=env, timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Tools: pictures, weights in and out
+# ------------------------------------------------------------------------------------------------
+
+def _photo(w=120, h=90, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_show_matching_draws_exactly_the_valid_matches(tmp_path):
+    p, sg, sl = 8, 64, 32
+    out = tmp_path / "m.png"
+    pairs, box, flip = pw.show_matching(_photo(), out, patch_size=p, global_size=sg, local_size=sl, seed=3)
+    index, valid = pw.match_patches(box[0:1], flip[0:1], sg, box[2:3], flip[2:3], sl, p)  # re-derived
+    assert pairs == [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]] and pairs
+    img = np.asarray(Image.open(out))
+    margin, gap = 8, 16
+    assert img.shape == (2 * margin + 2 * sg + gap, 2 * margin + sg + gap + sl, 3)
+    for row in range(2):  # per-patch and per-view panels carry the same outlines
+        top = margin + row * (sg + gap)
+        for n, t in pairs:
+            colour = pw.pair_colour(t)
+            (sr, sc), (tr, tc) = divmod(n, sl // p), divmod(t, sg // p)
+            assert tuple(img[top + tr * p + p // 2, margin + tc * p]) == colour  # teacher patch's left edge
+            assert tuple(img[top + sr * p + p // 2, margin + sg + gap + sc * p]) == colour  # student's
+
+
+def test_show_attention_draws_a_distribution_per_head(tmp_path):
+    backbone = pw.vit_tiny(patch_size=8, depth=2, img_size=32)
+    attn = pw.show_attention(_photo(), tmp_path / "a.png", backbone, size=32)
+    assert attn.shape == (3, 1 + 16)
+    assert torch.allclose(attn.sum(-1), torch.ones(3), atol=1e-5)
+    assert Image.open(tmp_path / "a.png").size == (4 * (224 + 4) - 4, 224)  # the image and a panel per head, x7
+
+
+def _features(backbone, x):
+    with torch.no_grad():
+        return backbone.eval()(x)
+
+
+def test_weights_round_trip_through_export_and_every_layout_we_read(tmp_path):
+    out = tmp_path / "run"
+    pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", str(out)])
+    exported = tmp_path / "backbone.pth"
+    pw.main(TINY + ["--output_dir", str(out), "--export_backbone", str(exported)])
+    bare = torch.load(exported, weights_only=True)
+    assert "cls_token" in bare and not any(k.startswith(("backbone.", "head.")) for k in bare)
+    teacher = {k.removeprefix("backbone."): v for k, v in torch.load(out / "checkpoint.pth", weights_only=True)["teacher"].items()
+               if k.startswith("backbone.")}
+    ref = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
+    ref.load_state_dict(teacher, strict=True)
+    again = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
+    again.load_state_dict(bare, strict=True)  # DINO's / timm's ViT load it the same way
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_features(ref, x), _features(again, x))
+
+    # DINO's full checkpoint: module.-prefixed teacher with backbone./head., args as a Namespace
+    import argparse
+    full = {"teacher": {"module.backbone." + k: v for k, v in bare.items()} | {"module.head.mlp.0.weight": torch.zeros(1)},
+            "args": argparse.Namespace(arch="vit_tiny")}
+    torch.save(full, tmp_path / "dino_full.pth")
+    with pytest.raises(pw.UserError, match="--trust_checkpoint"):
+        pw.read_weights(str(tmp_path / "dino_full.pth"))
+    loaded = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
+    pw.load_backbone(loaded, pw.read_weights(str(tmp_path / "dino_full.pth"), trust=True), "dino_full.pth")
+    assert torch.equal(_features(loaded, x), _features(ref, x))
+
+    # timm: bare keys plus a classifier head; and a position embedding at another grid (224/16 -> 14x14)
+    timm_like = dict(bare, **{"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)})
+    big = pw.vit_tiny(patch_size=8, depth=1, img_size=112)  # 14x14 grid
+    pw.load_backbone(big, timm_like, "timm")
+    assert torch.allclose(big.pos_embed, pw.interpolate_pos_embed(bare["pos_embed"], (14, 14)))
+    assert torch.equal(big.blocks[0].attn.qkv.weight, bare["blocks.0.attn.qkv.weight"])
+
+    # --eval_only --pretrained evaluates the exported file like the checkpoint itself
+    a = pw.main(TINY + ["--output_dir", str(out), "--eval_only"])
+    b = pw.main(TINY + ["--output_dir", str(tmp_path / "none"), "--eval_only", "--pretrained", str(exported)])
+    assert a == b
+
+    # another architecture: the message names the mismatched shapes
+    with pytest.raises(pw.UserError, match=r"cls_token is \(1, 1, 192\) in the file but \(1, 1, 384\) here"):
+        pw.load_backbone(pw.vit_small(patch_size=8, depth=1, img_size=32), bare, "backbone.pth")
+
+
+def test_compiled_step_gives_the_eager_losses():
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(8, 2))
+    ds = pw.MultiViewDataset(train, 0, 32, 16, 2, 8)
+    batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(8)])
+    losses = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        student = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
+        teacher = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        loss_fn = pw.PWSelfLoss(64, 1)
+        opt = torch.optim.AdamW(pw.param_groups(student))
+        s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
+        try:
+            losses.append([pw.train_step(s, t, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9,
+                                         patch_size=8)[0].item() for _ in range(3)])
+        except Exception as e:  # no working compiler toolchain on this machine
+            if compile_:
+                pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
+            raise
+    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) < 1e-5, losses

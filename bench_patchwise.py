@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Benchmark of patchwise: what the patch level costs over DINO, measured side by side in one run.
+
+    python bench_patchwise.py                 # CPU: ViT-tiny at 32/16 px, a few minutes
+    python bench_patchwise.py --device cuda   # GPU: ViT-S/16 and ViT-B/16 at 224/96, K = 8192
+
+Prints a table and writes it as JSON (--out). Every figure is a median over --repeats runs after
+warm-up. Sections:
+  1. data workers: images/s of one process producing one training sample from an ImageNet-size
+     JPEG, against a DINO-style PIL pipeline (colour work included) on the same file;
+  2. training step (teacher + student forward, loss, backward, AdamW, EMA) on a batch already on
+     the device, for DINO, PW-Self with coordinate matching and PW-Self with similarity matching:
+     time, images/s, peak memory, MFU, and the ratios to DINO beside the analytic FLOP ratio;
+  3. matching alone: match_patches against argmax-cosine similarity matching.
+"""
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+
+import patchwise as pw
+
+# Dense bf16 peak of the devices we know, in FLOP/s, for MFU.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def median_time(fn, repeats, warmup=2, sync=lambda: None):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def imagenet_size_jpeg():
+    """A 500x375 JPEG (ImageNet's typical size) from the CC0 photo in figures/, as bytes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    img = Image.open(os.path.join(here, "figures", "chelsea.png")).convert("RGB").resize((500, 375), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def dino_reference_sample(data, global_size, local_size, n_local):
+    """DINO's DataAugmentationDINO on PIL images, written out: crop, flip, colour jitter, grayscale,
+    blur, solarization, to tensor, normalise, for every view."""
+    import torchvision.transforms as T
+    flip_jitter = T.Compose([T.RandomHorizontalFlip(), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                             T.RandomGrayscale(p=0.2)])
+    finish = T.Compose([T.ToTensor(), T.Normalize(pw.IMAGENET_MEAN, pw.IMAGENET_STD)])
+
+    def blur(img, p):
+        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0))) if np.random.rand() < p else img
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    g = T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    l = T.RandomResizedCrop(local_size, scale=(0.05, 0.4), interpolation=T.InterpolationMode.BICUBIC)
+    views = [finish(blur(flip_jitter(g(img)), 1.0))]
+    v2 = blur(flip_jitter(g(img)), 0.1)
+    views.append(finish(ImageOps.solarize(v2) if np.random.rand() < 0.2 else v2))
+    views += [finish(blur(flip_jitter(l(img)), 0.5)) for _ in range(n_local)]
+    return views
+
+
+def bench_workers(repeats, global_size=224, local_size=96, n_local=8, patch_size=16):
+    data = imagenet_size_jpeg()
+
+    class OneFile:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return Image.open(io.BytesIO(data)).convert("RGB"), 0
+
+    ours = pw.MultiViewDataset(OneFile(), 0, global_size, local_size, n_local, patch_size)
+    n = 20
+    t_ours = median_time(lambda: [ours[(e, 0)] for e in range(n)], repeats) / n
+    t_ref = median_time(lambda: [dino_reference_sample(data, global_size, local_size, n_local) for _ in range(n)], repeats) / n
+    return {"ours_img_s": 1 / t_ours, "dino_reference_img_s": 1 / t_ref, "speedup": t_ref / t_ours}
+
+
+def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, heads_on_patches, sim_pairs=()):
+    """Model FLOPs of one training step per image: 2 per multiply-add; student forward + backward
+    (3x forward), teacher forward. Linear layers, attention matmuls and the head; norms and
+    element-wise work are not counted (the usual MFU convention)."""
+    D, (hidden, bottleneck) = arch_dim, head
+
+    def backbone(S):
+        N = 1 + (S // patch) ** 2
+        return N * (2 * 3 * patch * patch * D + depth * (24 * D * D + 4 * N * D))
+
+    def head_flops(S):
+        tokens = 1 + (S // patch) ** 2 if heads_on_patches else 1
+        return tokens * 2 * (D * hidden + hidden * hidden + hidden * bottleneck + bottleneck * K)
+
+    student = sum(backbone(S) + head_flops(S) for S in sizes_student)
+    teacher = sum(backbone(S) + head_flops(S) for S in sizes_teacher)
+    similarity = sum(2 * (s // patch) ** 2 * (t // patch) ** 2 * D for s, t in sim_pairs)
+    return 3 * student + teacher + similarity
+
+
+def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
+    results = {}
+    dims = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
+    sizes_student, sizes_teacher = [global_size] * 2 + [local_size] * n_local, [global_size] * 2
+    sim_pairs = [(s, global_size) for i in range(2) for v, s in enumerate(sizes_student) if v != i]
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, weight, photometric, matching in (("dino", 0.0, "view", "coords"), ("pwself", 1.0, "patch", "coords"),
+                                                ("pwself_similarity", 1.0, "patch", "similarity")):
+        ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
+        collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
+        collated = {k: v.to(device) for k, v in collated.items()}
+        torch.manual_seed(0)
+        student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head).to(device)
+        teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
+        opt = torch.optim.AdamW(pw.param_groups(student), fused=device.type == "cuda")
+
+        def step():
+            pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
+                          patch_size=patch, matching=matching, amp_dtype=amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = median_time(step, repeats, warmup=3, sync=sync)
+        flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, weight > 0,
+                                   sim_pairs if matching == "similarity" else ())
+        peak = PEAK_BF16.get(next((k for k in PEAK_BF16 if device.type == "cuda" and k in torch.cuda.get_device_name()), ""), None)
+        results[name] = {"step_s": t, "img_s": batch / t, "flops": flops,
+                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                         "mfu": flops / t / peak if peak else None}
+        del student, teacher, opt
+    for name in ("pwself", "pwself_similarity"):
+        results[name]["time_ratio_to_dino"] = results[name]["step_s"] / results["dino"]["step_s"]
+        results[name]["flop_ratio_to_dino"] = results[name]["flops"] / results["dino"]["flops"]
+        if results["dino"]["peak_mem_gib"]:
+            results[name]["mem_ratio_to_dino"] = results[name]["peak_mem_gib"] / results["dino"]["peak_mem_gib"]
+    return results
+
+
+def bench_matching(device, batch, global_size, local_size, patch, dim, repeats):
+    g = torch.Generator().manual_seed(0)
+    box = lambda: torch.rand(batch, 4, generator=g).to(device) * 100 + 1  # noqa: E731
+    flip = lambda: (torch.rand(batch, generator=g) < 0.5).to(device)  # noqa: E731
+    t_box, t_flip, s_box, s_flip = box(), flip(), box(), flip()
+    t_feat = torch.randn(batch, (global_size // patch) ** 2, dim, generator=g).to(device)
+    s_feat = torch.randn(batch, (local_size // patch) ** 2, dim, generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_coords = median_time(lambda: pw.match_patches(t_box, t_flip, global_size, s_box, s_flip, local_size, patch), repeats, sync=sync)
+    t_sim = median_time(lambda: pw.match_by_similarity(t_feat, s_feat), repeats, sync=sync)
+    return {"coords_ms": 1e3 * t_coords, "similarity_ms": 1e3 * t_sim, "similarity_over_coords": t_sim / t_coords}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    report = {"device": name, "torch": torch.__version__}
+    print(f"device: {name}, torch {torch.__version__}")
+
+    w = bench_workers(args.repeats)
+    report["workers"] = w
+    print(f"\n1. data worker, one process, 2x224 + 8x96 views from a 500x375 JPEG:\n"
+          f"   patchwise {w['ours_img_s']:.1f} img/s, DINO-style PIL pipeline {w['dino_reference_img_s']:.1f} img/s "
+          f"({w['speedup']:.2f}x)")
+
+    if device.type == "cuda":
+        configs = [("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), 128),
+                   ("vit_base", 12, 16, 224, 96, 8, 8192, (2048, 256), 128)]
+    else:
+        configs = [("vit_tiny", 12, 4, 32, 16, 6, 1024, (512, 128), 16)]
+    report["steps"] = {}
+    for arch, depth, patch, sg, sl, nl, K, head, batch in configs:
+        key = f"{arch}/{patch} {sg}/{sl}x{nl} K={K} batch {batch}"
+        r = bench_step(device, arch, depth, patch, sg, sl, nl, K, head, batch, args.repeats)
+        report["steps"][key] = r
+        print(f"\n2. training step, {key}:")
+        print(f"   {'':18} {'step ms':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6} {'time/DINO':>10} {'FLOPs/DINO':>11} {'mem/DINO':>9}")
+        for n, v in r.items():
+            fmt = lambda x, f: format(x, f) if x is not None else "n/a"  # noqa: E731
+            print(f"   {n:18} {1e3 * v['step_s']:9.1f} {v['img_s']:8.1f} {fmt(v['peak_mem_gib'], '9.2f'):>9} "
+                  f"{fmt(v['mfu'] and 100 * v['mfu'], '5.1f'):>5}% {fmt(v.get('time_ratio_to_dino', 1.0), '10.2f'):>10} "
+                  f"{fmt(v.get('flop_ratio_to_dino', 1.0), '11.2f'):>11} {fmt(v.get('mem_ratio_to_dino'), '9.2f'):>9}")
+        print(f"   keeping one such step fed takes {r['pwself']['img_s'] / w['ours_img_s']:.1f} worker processes "
+              f"({r['pwself']['img_s']:.0f} img/s / {w['ours_img_s']:.1f} per worker)")
+
+    m = bench_matching(device, 64, 224, 96, 16, 384, args.repeats * 4)
+    report["matching"] = m
+    print(f"\n3. matching, ViT-S/16 sizes (batch 64, 36 student x 196 teacher patches, D 384):\n"
+          f"   match_patches {m['coords_ms']:.3f} ms, similarity {m['similarity_ms']:.3f} ms "
+          f"({m['similarity_over_coords']:.0f}x)")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

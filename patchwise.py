@@ -1001,20 +1001,27 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
 
     matches = {}
-    if loss_fn.patch_loss_weight > 0:
+    if patches:
         box, flip = batch["box"].to(device), batch["flip"].to(device)  # (B, V, 4), (B, V)
+        B = box.shape[0]
         if matching == "similarity":
             t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
             s_feats = s_tokens[0][:, 1:].detach().chunk(G) + (s_tokens[1][:, 1:].detach().chunk(L) if L else ())
-        for i in range(G):
-            for v in range(G + L):
-                if v == i:
-                    continue
-                if matching == "coords":
-                    matches[i, v] = match_patches(box[:, i], flip[:, i], sizes[i], box[:, v], flip[:, v],
-                                                  sizes[v], patch_size)
-                else:
-                    matches[i, v] = match_by_similarity(t_feats[i], s_feats[v])
+        for students in (range(G), range(G, G + L)):  # one student resolution at a time
+            pairs = [(i, v) for i in range(G) for v in students if v != i]
+            if not pairs:
+                continue
+            t, s = [i for i, _ in pairs], [v for _, v in pairs]
+            # All pairs of a resolution in one call, stacked along the batch as (P B, ...): a few
+            # kernel launches per step instead of a few per pair.
+            if matching == "coords":
+                index, valid = match_patches(box[:, t].transpose(0, 1).flatten(0, 1), flip[:, t].T.flatten(), sizes[0],
+                                             box[:, s].transpose(0, 1).flatten(0, 1), flip[:, s].T.flatten(),
+                                             sizes[s[0]], patch_size)  # (P B, N_s) each
+            else:
+                index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]), torch.cat([s_feats[v] for v in s]))
+            for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1), valid.view(len(pairs), B, -1)):
+                matches[pair] = (idx, val)  # (B, N_s) each
     loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
 
     optimizer.zero_grad(set_to_none=True)
@@ -1537,7 +1544,10 @@ def main(argv=None):
         check_args(args)
         if args.show_matching or args.show_attention or args.export_backbone:
             return run_tool(args)
-        return evaluate(args) if args.eval_only else train(args)
+        result = evaluate(args) if args.eval_only else train(args)
+        if _distributed():  # no rank tears its gloo/NCCL connections down while another still uses them
+            dist.barrier()
+        return result
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"patchwise: error: {e}", file=sys.stderr)

@@ -170,6 +170,8 @@ def build_parser():
     t.add_argument("--pretrained", default=None,
                    help="Backbone weights to start from (or, with --eval_only, to evaluate): our checkpoints, "
                         "DINO's full checkpoints or released backbones, timm ViT state dicts.")
+    t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
+                   help="Which network of a full checkpoint --pretrained and --export_backbone read.")
     t.add_argument("--trust_checkpoint", action="store_true",
                    help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only for files you trust.")
     t.add_argument("--export_backbone", default=None, metavar="FILE",
@@ -1140,7 +1142,8 @@ def train(args):
     teacher = encoder_from_args(args).to(device)
     torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
     if args.pretrained:
-        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained)
+        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
+                      args.checkpoint_key)
     teacher.load_state_dict(student.state_dict())  # teacher and student start equal (DINO)
     teacher.requires_grad_(False)
     if world > 1:
@@ -1351,7 +1354,7 @@ def evaluate(args):
     teacher = encoder_from_args(args)
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
     if args.pretrained:
-        load_backbone(teacher.backbone, read_weights(path, args.trust_checkpoint), path)
+        load_backbone(teacher.backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
     else:
         if not os.path.exists(path):
             raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run "
@@ -1387,14 +1390,14 @@ def read_weights(path, trust=False):
                         f"args that way); if you trust the file, add --trust_checkpoint") from None
 
 
-def backbone_state_dict(state):
+def backbone_state_dict(state, key="teacher"):
     """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
     our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
     'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
-    classifier 'head.*' is dropped)."""
-    for key in ("teacher", "model", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
+    classifier 'head.*' is dropped). `key` picks the teacher or the student of a full checkpoint."""
+    for k in (key, "model", "state_dict"):
+        if isinstance(state.get(k), dict):
+            state = state[k]
             break
     out = {}
     for k, v in state.items():
@@ -1404,10 +1407,10 @@ def backbone_state_dict(state):
     return out
 
 
-def load_backbone(backbone, state, source):
+def load_backbone(backbone, state, source, key="teacher"):
     """Load weights into a VisionTransformer, interpolating the position embedding to its grid, with
     a one-line error naming what does not fit."""
-    state = backbone_state_dict(state)
+    state = backbone_state_dict(state, key)
     own = backbone.state_dict()
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
@@ -1511,7 +1514,7 @@ def run_tool(args):
     if args.show_attention or args.export_backbone:
         backbone = encoder_from_args(args).backbone
         path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
-        load_backbone(backbone, read_weights(path, args.trust_checkpoint), path)
+        load_backbone(backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
     if args.show_matching or args.show_attention:
         if not args.out:
             raise UserError("--show_matching and --show_attention need --out FILE.png")

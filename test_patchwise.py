@@ -792,6 +792,11 @@ def test_weights_round_trip_through_export_and_every_layout_we_read(tmp_path):
     assert torch.allclose(big.pos_embed, pw.interpolate_pos_embed(bare["pos_embed"], (14, 14)))
     assert torch.equal(big.blocks[0].attn.qkv.weight, bare["blocks.0.attn.qkv.weight"])
 
+    # our checkpoint's student, when asked for
+    student = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
+    pw.load_backbone(student, torch.load(out / "checkpoint.pth", weights_only=True), "ckpt", key="student")
+    assert not torch.equal(student.pos_embed, ref.pos_embed)  # the student, not the EMA teacher
+
     # --eval_only --pretrained evaluates the exported file like the checkpoint itself
     a = pw.main(TINY + ["--output_dir", str(out), "--eval_only"])
     b = pw.main(TINY + ["--output_dir", str(tmp_path / "none"), "--eval_only", "--pretrained", str(exported)])

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 import patchwise as pw
@@ -99,8 +98,8 @@ def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, he
     D, (hidden, bottleneck) = arch_dim, head
 
     def backbone(S):
-        N = 1 + (S // patch) ** 2
-        return N * (2 * 3 * patch * patch * D + depth * (24 * D * D + 4 * N * D))
+        N = 1 + (S // patch) ** 2  # tokens, CLS included
+        return (N - 1) * 2 * 3 * patch * patch * D + N * depth * (24 * D * D + 4 * N * D)
 
     def head_flops(S):
         tokens = 1 + (S // patch) ** 2 if heads_on_patches else 1
@@ -114,14 +113,14 @@ def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, he
 
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
-    results = {}
     dims = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
     sizes_student, sizes_teacher = [global_size] * 2 + [local_size] * n_local, [global_size] * 2
     sim_pairs = [(s, global_size) for i in range(2) for v, s in enumerate(sizes_student) if v != i]
     amp = torch.bfloat16 if device.type == "cuda" else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for name, weight, photometric, matching in (("dino", 0.0, "view", "coords"), ("pwself", 1.0, "patch", "coords"),
-                                                ("pwself_similarity", 1.0, "patch", "similarity")):
+    def variant(weight, photometric, matching):
+        """One variant's step time, FLOPs, peak memory and MFU; its models are freed on return, so the
+        next variant's peak memory is its own."""
         ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
         collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
         collated = {k: v.to(device) for k, v in collated.items()}
@@ -137,15 +136,18 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
             pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
                           patch_size=patch, matching=matching, amp_dtype=amp)
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = median_time(step, repeats, warmup=3, sync=sync)
         flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, weight > 0,
                                    sim_pairs if matching == "similarity" else ())
-        peak = PEAK_BF16.get(next((k for k in PEAK_BF16 if device.type == "cuda" and k in torch.cuda.get_device_name()), ""), None)
-        results[name] = {"step_s": t, "img_s": batch / t, "flops": flops,
-                         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-                         "mfu": flops / t / peak if peak else None}
-        del student, teacher, opt
+        peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+        return {"step_s": t, "img_s": batch / t, "flops": flops,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+                "mfu": flops / t / peak if peak else None}
+
+    results = {"dino": variant(0.0, "view", "coords"), "pwself": variant(1.0, "patch", "coords"),
+               "pwself_similarity": variant(1.0, "patch", "similarity")}
     for name in ("pwself", "pwself_similarity"):
         results[name]["time_ratio_to_dino"] = results[name]["step_s"] / results["dino"]["step_s"]
         results[name]["flop_ratio_to_dino"] = results[name]["flops"] / results["dino"]["flops"]

@@ -22,8 +22,6 @@ import math
 import os
 import sys
 import time
-import warnings
-from functools import partial
 
 import numpy as np
 import torch
@@ -1562,3 +1560,11 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Even after a clean destroy_process_group, torch's C++ teardown at interpreter exit now and
+        # then aborts a rank ("terminate called without an active exception", about 1 run in 25 on
+        # CPU/gloo), turning a finished run into a failed one. Everything is written and flushed by
+        # now, so leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

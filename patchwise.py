@@ -117,8 +117,8 @@ def build_parser():
     a.add_argument("--global_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, globals.")
     a.add_argument("--local_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, locals.")
     a.add_argument("--blur_sigma", type=float, nargs=2, default=None,
-                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) suits "
-                        "224 px views; at 32 px a sigma of 2 erases the shapes themselves.")
+                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) was set for "
+                        "224 px views; small views may want less (0 0 turns blur off).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
                    help="patch: every patch draws its own colour jitter and grayscale (PW-Self); "
                         "view: one draw per view (plain DINO, for ablations).")
@@ -1075,9 +1075,20 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Our checkpoints hold tensors and plain Python values only, so the safe loader reads them."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_weights(path, trust=False):
+    """torch.load with the safe loader, which reads our checkpoints (tensors and plain Python values
+    only). A file that needs full unpickling (DINO's own checkpoints store an argparse.Namespace) is
+    refused unless the user says they trust it; an unreadable one ends with a one-line error."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
+        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is truncated or not a "
+                            f"checkpoint; pass another file (for --resume, an earlier run's output_dir)") from None
+        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
+                        f"args that way); if you trust the file, add --trust_checkpoint") from None
 
 
 ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
@@ -1162,7 +1173,7 @@ def train(args):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = read_weights(ckpt_path)
         check_same_architecture(ckpt["args"], args, ckpt_path)
         unwrap(student).load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
@@ -1202,7 +1213,7 @@ def train(args):
 
     def stop_if_not_finite(weights_too=False):
         # The loss lags the weights by one step, so before a save the weights are checked too.
-        if weights_too and not all(bool(p.isfinite().all()) for p in unwrap(student).parameters()):
+        if weights_too and not torch.stack([p.isfinite().all() for p in unwrap(student).parameters()]).all():
             raise UserError(f"the weights became non-finite at iteration {step} (epoch {epoch + 1}); {ckpt_path} "
                             f"holds the last good state; lower --lr or --teacher_temp and resume with --resume")
         if first_bad.item() >= 0:  # one host sync, only at logging and checkpoint time
@@ -1357,7 +1368,7 @@ def evaluate(args):
         if not os.path.exists(path):
             raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run "
                             f"or pass --pretrained")
-        ckpt = load_checkpoint(path)
+        ckpt = read_weights(path)
         check_same_architecture(ckpt["args"], args, path)
         teacher.load_state_dict(ckpt["teacher"])
     teacher = teacher.to(device)
@@ -1373,20 +1384,6 @@ def evaluate(args):
 # ------------------------------------------------------------------------------------------------
 # Tools: weights in and out, pictures of the matching and of the attention
 # ------------------------------------------------------------------------------------------------
-
-def read_weights(path, trust=False):
-    """torch.load with the safe loader. A file that needs full unpickling (DINO's own checkpoints
-    store an argparse.Namespace) is refused unless the user says they trust it."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
-        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
-            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}); is it one?") from None
-        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
-                        f"args that way); if you trust the file, add --trust_checkpoint") from None
-
 
 def backbone_state_dict(state, key="teacher"):
     """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
@@ -1427,6 +1424,11 @@ def load_backbone(backbone, state, source, key="teacher"):
     backbone.load_state_dict(state, strict=True)
 
 
+def grid_to_pixels(grid, patch_size):
+    """A (g, g) per-patch tensor as a (g p, g p) per-pixel numpy array, each patch a flat block."""
+    return grid.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1).numpy()
+
+
 def pair_colour(i):
     """A distinct, saturated colour for the i-th item (golden-angle hue steps)."""
     import colorsys
@@ -1457,7 +1459,7 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
         teacher, student = (Image.fromarray((v.permute(1, 2, 0) * 255).round().byte().numpy()) for v in views)
         valid_grid = valid[0].view(local_size // patch_size, -1)
         grey = Image.new("RGB", student.size, (128, 128, 128))
-        mask = Image.fromarray((~valid_grid).repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1).numpy().astype(np.uint8) * 170)
+        mask = Image.fromarray(grid_to_pixels(~valid_grid, patch_size).astype(np.uint8) * 170)
         student = Image.composite(grey, student, mask)  # greys the unmatched patches
         top = margin + row * (global_size + gap)
         origins = ((margin, top), (margin + global_size + gap, top))  # teacher, student
@@ -1492,8 +1494,8 @@ def show_attention(image, out_path, backbone, size=224, mass=0.6):
     panels = [img]
     base = np.asarray(img).astype(np.float32)
     for h in range(len(keep)):
-        m = keep[h].repeat_interleave(backbone.patch_size, 0).repeat_interleave(backbone.patch_size, 1).numpy()[..., None]
-        heat = cls_to_patch[h].view(g, g).repeat_interleave(backbone.patch_size, 0).repeat_interleave(backbone.patch_size, 1).numpy()[..., None]
+        m = grid_to_pixels(keep[h], backbone.patch_size)[..., None]
+        heat = grid_to_pixels(cls_to_patch[h].view(g, g), backbone.patch_size)[..., None]
         heat = heat / heat.max()
         colour = np.array(pair_colour(h), dtype=np.float32)
         panel = np.where(m, 0.35 * base + 0.65 * colour * (0.4 + 0.6 * heat), 0.3 * base)

@@ -589,6 +589,13 @@ def test_torchrun_with_two_processes_trains_and_evaluates_on_cpu(tmp_path):
     assert r.stdout.count("k-NN of the trained teacher") == 1  # rank 0 alone prints
 
 
+def _assert_one_line_error(r, words):
+    """A user mistake: exit code 2, and one stderr line, no traceback, naming the problem."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
 def test_user_mistakes_end_with_one_line_and_no_traceback(tmp_path):
     cases = [
         (["--global_size", "30"], "not divisible by --patch_size"),
@@ -600,10 +607,7 @@ def test_user_mistakes_end_with_one_line_and_no_traceback(tmp_path):
     (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
     cases.append((["--data", "folder", "--data_path", str(tmp_path / "empty")], "no images"))
     for args, words in cases:
-        r = _run(["patchwise.py"] + args, timeout=120)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2, r.stderr
-        assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, r.stderr
+        _assert_one_line_error(_run(["patchwise.py"] + args, timeout=120), words)
 
 
 def test_every_runs_sh_command_is_accepted_by_the_parser():
@@ -714,9 +718,7 @@ def test_more_user_mistakes_are_named_with_their_fix(tmp_path):
         (["--batch_size", "1"], {"WORLD_SIZE": "2"}, "does not split over 2 processes"),
     ]
     for args, env, words in cases:
-        r = _run(["patchwise.py"] + TINY + args, env=env, timeout=120)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(lines) == 1 and words in lines[0], r.stderr
+        _assert_one_line_error(_run(["patchwise.py"] + TINY + args, env=env, timeout=120), words)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,24 +91,30 @@ def bench_workers(repeats, global_size=224, local_size=96, n_local=8, patch_size
     return {"ours_img_s": 1 / t_ours, "dino_reference_img_s": 1 / t_ref, "speedup": t_ref / t_ours}
 
 
-def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, heads_on_patches, sim_pairs=()):
+def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, tokens, sim_pairs=()):
     """Model FLOPs of one training step per image: 2 per multiply-add; student forward + backward
     (3x forward), teacher forward. Linear layers, attention matmuls and the head; norms and
-    element-wise work are not counted (the usual MFU convention)."""
+    element-wise work are not counted (the usual MFU convention). tokens: (student, teacher)
+    tokens per image that go through the head."""
     D, (hidden, bottleneck) = arch_dim, head
 
     def backbone(S):
         N = 1 + (S // patch) ** 2  # tokens, CLS included
         return (N - 1) * 2 * 3 * patch * patch * D + N * depth * (24 * D * D + 4 * N * D)
 
-    def head_flops(S):
-        tokens = 1 + (S // patch) ** 2 if heads_on_patches else 1
-        return tokens * 2 * (D * hidden + hidden * hidden + hidden * bottleneck + bottleneck * K)
-
-    student = sum(backbone(S) + head_flops(S) for S in sizes_student)
-    teacher = sum(backbone(S) + head_flops(S) for S in sizes_teacher)
+    per_token = 2 * (D * hidden + hidden * hidden + hidden * bottleneck + bottleneck * K)
+    student = sum(backbone(S) for S in sizes_student) + tokens[0] * per_token
+    teacher = sum(backbone(S) for S in sizes_teacher) + tokens[1] * per_token
     similarity = sum(2 * (s // patch) ** 2 * (t // patch) ** 2 * D for s, t in sim_pairs)
     return 3 * student + teacher + similarity
+
+
+def head_tokens(batch, sizes, patch, patches, compact):
+    """Tokens per image that go through the student and teacher heads in train_step on this batch."""
+    B, n_tokens = len(batch["box"]), [1 + (s // patch) ** 2 for s in sizes]
+    matches = pw.match_views(batch["box"], batch["flip"], sizes, patch) if patches else {}
+    pairs = pw.token_pairs(matches, n_tokens, B, 2, patches, compact)
+    return len(pairs.student_rows) / B, len(pairs.teacher_rows) / B
 
 
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
@@ -123,7 +129,8 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
         next variant's peak memory is its own."""
         ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
         collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
-        collated = {k: v.to(device) for k, v in collated.items()}
+        # the views on the device; the geometry stays on the host, as the data loader delivers it
+        collated = {k: v if k in ("box", "flip") else v.to(device) for k, v in collated.items()}
         torch.manual_seed(0)
         student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head).to(device)
         teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
@@ -139,10 +146,11 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = median_time(step, repeats, warmup=3, sync=sync)
-        flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, weight > 0,
+        tokens = head_tokens(collated, sizes_student, patch, weight > 0, matching == "coords")
+        flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
                                    sim_pairs if matching == "similarity" else ())
         peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-        return {"step_s": t, "img_s": batch / t, "flops": flops,
+        return {"step_s": t, "img_s": batch / t, "flops": flops, "head_tokens_per_image": tokens,
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
                 "mfu": flops / t / peak if peak else None}
 
@@ -154,6 +162,44 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
         if results["dino"]["peak_mem_gib"]:
             results[name]["mem_ratio_to_dino"] = results[name]["peak_mem_gib"] / results["dino"]["peak_mem_gib"]
     return results
+
+
+def saved_bytes(step, params):
+    """Bytes of the tensors autograd keeps for the backward pass during one call of step(),
+    parameters excluded: the part of training memory that grows with the batch, countable on any
+    device (a CPU has no peak-memory counter)."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()  # views of one storage count once
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(saved.values())
+
+
+def bench_activation_memory(arch, depth, patch, global_size, local_size, n_local, K, head, batch):
+    """Saved-for-backward bytes per image of one bf16-autocast training step, DINO against PW-Self:
+    the GPU configuration's activation memory, counted on whatever device runs the benchmark."""
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
+    out = {}
+    for name, weight, photometric, matching in [("dino", 0.0, "view", "coords"), ("pwself", 1.0, "patch", "coords"),
+                                                ("pwself_similarity", 1.0, "patch", "similarity")]:
+        ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
+        collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
+        torch.manual_seed(0)
+        student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head)
+        teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head)
+        teacher.requires_grad_(False)
+        loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight)
+        opt = torch.optim.AdamW(pw.param_groups(student))
+        out[name] = saved_bytes(lambda: pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04,
+                                                      momentum=0.996, patch_size=patch, matching=matching,
+                                                      amp_dtype=torch.bfloat16), student.parameters()) / batch
+    return out
 
 
 def bench_matching(device, batch, global_size, local_size, patch, dim, n_local, repeats):
@@ -201,14 +247,21 @@ def main():
         r = bench_step(device, arch, depth, patch, sg, sl, nl, K, head, batch, args.repeats)
         report["steps"][key] = r
         print(f"\n2. training step, {key}:")
-        print(f"   {'':18} {'step ms':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6} {'time/DINO':>10} {'FLOPs/DINO':>11} {'mem/DINO':>9}")
+        print(f"   {'':18} {'step ms':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6} {'time/DINO':>10} {'FLOPs/DINO':>11} "
+              f"{'mem/DINO':>9} {'head tokens/img (student, teacher)':>36}")
         for n, v in r.items():
             fmt = lambda x, f: format(x, f) if x is not None else "n/a"  # noqa: E731
             print(f"   {n:18} {1e3 * v['step_s']:9.1f} {v['img_s']:8.1f} {fmt(v['peak_mem_gib'], '9.2f'):>9} "
                   f"{fmt(v['mfu'] and 100 * v['mfu'], '5.1f'):>5}% {fmt(v.get('time_ratio_to_dino', 1.0), '10.2f'):>10} "
-                  f"{fmt(v.get('flop_ratio_to_dino', 1.0), '11.2f'):>11} {fmt(v.get('mem_ratio_to_dino'), '9.2f'):>9}")
+                  f"{fmt(v.get('flop_ratio_to_dino', 1.0), '11.2f'):>11} {fmt(v.get('mem_ratio_to_dino'), '9.2f'):>9} "
+                  f"{v['head_tokens_per_image'][0]:>26.1f}, {v['head_tokens_per_image'][1]:.1f}")
         print(f"   keeping one such step fed takes {r['pwself']['img_s'] / w['ours_img_s']:.1f} worker processes "
               f"({r['pwself']['img_s']:.0f} img/s / {w['ours_img_s']:.1f} per worker)")
+
+    a = bench_activation_memory("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), 2)
+    report["activation_memory_mib_per_image"] = {k: v / 2 ** 20 for k, v in a.items()}
+    print("\n2b. activation memory (saved for backward) per image, ViT-S/16 224/96x8 K=8192, bf16 autocast, "
+          "counted on this device:\n   " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB ({v / a['dino']:.2f}x)" for k, v in a.items()))
 
     m = bench_matching(device, 64, 224, 96, 16, 384, 8, args.repeats * 4)
     report["matching"] = m

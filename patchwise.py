@@ -17,6 +17,7 @@ values, so it can be copied alone into another project.
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -50,7 +51,7 @@ DEFAULTS = dict(
 )
 PRESETS = {
     # The CPU demo, sized to train in under 5 minutes on 2 cores. A 12-block ViT-tiny with 4 px
-    # patches at 32 px runs at about 6 images/s there, and the DINO head on every patch token costs
+    # patches at 32 px runs at about 6 images/s there, and the DINO head on the patch tokens costs
     # more than the backbone at such sizes, so everything that sets the cost per image is cut: 4
     # blocks, 8 px patches (a 4x4 grid), 4 local views, a small head and K. What is left buys about
     # 1000 optimizer steps, so the batch is small (more steps per image seen) and the teacher
@@ -103,7 +104,7 @@ def build_parser():
                         "make a fast CPU demo.")
     m.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the student.")
     m.add_argument("--out_dim", type=int, default=None,
-                   help="K, the head's output size. The head runs on every patch token, so K costs "
+                   help="K, the head's output size. The head runs on the matched patch tokens, so K costs "
                         "far more here than in DINO: 8192 for ImageNet, less for small sets.")
     m.add_argument("--head_hidden_dim", type=int, default=None, help="Hidden width of the DINO head MLP.")
     m.add_argument("--bottleneck_dim", type=int, default=None, help="Bottleneck before the last head layer.")
@@ -408,21 +409,22 @@ class DINOHead(nn.Module):
 
 class Encoder(nn.Module):
     """Backbone + head, DINO's MultiCropWrapper. Takes a list of view batches, one per resolution,
-    so views of one size share one backbone call. Returns, per batch, the backbone tokens
-    (B, 1 + N, D) and the head outputs (B, T, K): for every token (T = 1 + N), or for the CLS token
-    alone (T = 1) when patches=False, which is all plain DINO needs."""
+    so views of one size share one backbone call, and runs the head only on the tokens the loss
+    uses: `rows` indexes the backbone's tokens flattened over resolutions in the order they come,
+    (resolution, view, image, token) (see head_rows); None runs it on every token.
+    Returns the backbone tokens, one (B_r, 1 + N_r, D) per resolution, and the head outputs (M, K)."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops, patches=True):
+    def forward(self, crops, rows=None):
         tokens = [self.backbone(x) for x in crops]  # each (B_r, 1 + N_r, D)
-        used = [t if patches else t[:, :1] for t in tokens]  # (B_r, T_r, D)
-        # One head call over all tokens of all resolutions: fewer, larger matrix products.
-        flat = torch.cat([t.flatten(0, 1) for t in used])  # (sum B_r T_r, D)
-        logits = self.head(flat).split([t.shape[0] * t.shape[1] for t in used])
-        return tokens, [z.reshape(*t.shape[:2], -1) for z, t in zip(logits, used)]  # (B_r, T_r, K)
+        flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (sum B_r (1 + N_r), D)
+        if rows is not None:
+            flat = flat.index_select(0, rows)  # (M, D)
+        # One head call over the used tokens of all resolutions: fewer, larger matrix products.
+        return tokens, self.head(flat)  # (M, K)
 
 
 def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size=224,
@@ -623,6 +625,99 @@ def match_by_similarity(t_feats, s_feats):
     return index, torch.ones_like(index, dtype=torch.bool)
 
 
+def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=None):
+    """Patch matches for every (teacher global view i, student view v != i) pair of a batch. The
+    pairs of one student resolution go in one call, stacked along the batch as (P B, ...): a few
+    kernel launches per step instead of a few per pair.
+    box float (B, V, 4), flip bool (B, V): the views' geometry, global views first; sizes: the V
+    view sides. By coordinates, or by feature similarity when t_feats (n_global tensors
+    (B, N_t, D), teacher patch tokens) and s_feats (V tensors (B, N_v, D)) are given.
+    Returns {(i, v): (index (B, N_v), valid (B, N_v))}."""
+    B, V = len(box if t_feats is None else t_feats[0]), len(sizes)
+    matches = {}
+    for students in (range(n_global), range(n_global, V)):  # one student resolution at a time
+        pairs = [(i, v) for i in range(n_global) for v in students if v != i]
+        if not pairs:
+            continue
+        t, s = [i for i, _ in pairs], [v for _, v in pairs]
+        if t_feats is None:
+            index, valid = match_patches(box[:, t].transpose(0, 1).flatten(0, 1), flip[:, t].T.flatten(), sizes[0],
+                                         box[:, s].transpose(0, 1).flatten(0, 1), flip[:, s].T.flatten(),
+                                         sizes[s[0]], patch_size)  # (P B, N_s) each
+        else:
+            index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]), torch.cat([s_feats[v] for v in s]))
+        for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1), valid.view(len(pairs), B, -1)):
+            matches[pair] = (idx, val)  # (B, N_s) each
+    return matches
+
+
+def head_rows(n_tokens, B, keep=None, device="cpu"):
+    """Which backbone tokens go through the head, as positions in the tokens of V views flattened
+    view by view, (view, image, token), as the Encoder flattens them. The CLS tokens of all views
+    come first (view-major), then the kept patch tokens in position order, so the loss finds each
+    kind in one slice. n_tokens: 1 + N_v per view; keep: per view bool (B, N_v) of patches to keep,
+    or None for every patch.
+    Returns rows long (M,) and, per view, each position's row, long (B, 1 + N_v), -1 if not kept."""
+    start = np.cumsum([0] + [B * n for n in n_tokens])
+    pos = [start[v] + torch.arange(B * n, device=device).view(B, n) for v, n in enumerate(n_tokens)]  # (B, 1 + N_v)
+    cls = torch.cat([p[:, 0] for p in pos])  # (V B,)
+    if keep is None:
+        patch = torch.cat([p[:, 1:].flatten() for p in pos])
+    else:  # a boolean mask: on the host, where the geometry is, its size is known without a device sync
+        patch = torch.cat([p[:, 1:][k] for p, k in zip(pos, keep)])
+    rows = torch.cat([cls, patch])  # (M,)
+    row_of = torch.full((int(start[-1]),), -1, dtype=torch.long, device=device)
+    row_of[rows] = torch.arange(len(rows), device=device)
+    return rows, [row_of[p] for p in pos]
+
+
+TokenPairs = collections.namedtuple("TokenPairs", "student_rows teacher_rows target group n_pairs n_cls")
+TokenPairs.__doc__ = """The tokens the loss uses and which teacher token each student token learns from.
+student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows), CLS tokens first;
+target long (M_s, G): for each student row and teacher view i, the teacher row it learns from;
+group long (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches of pair k
+(pairs in the order (i, v) for i < G, v != i), 2 n_pairs where there is no term (v = i, or no match);
+n_cls: the number of CLS rows of the student and of the teacher, (V B, G B)."""
+
+
+def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
+    """The TokenPairs of a batch from its patch matches. n_tokens: 1 + N_v for the V student views,
+    globals first (the teacher's views are the n_global globals); matches as match_views returns
+    them (unused when patches is False: CLS tokens only, plain DINO). compact keeps only what the
+    loss reads: valid student patches and the teacher patches they point to; without it the
+    head runs on every patch (similarity matching, whose targets are only known after the head's
+    input is)."""
+    V, G = len(n_tokens), n_global
+    pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
+    none = 2 * len(pairs)
+    device = next(iter(matches.values()))[0].device if matches else "cpu"
+    b = torch.arange(B, device=device).view(B, 1)
+    # Per student view, position-indexed: the teacher token (view i, image b, token t) each token
+    # learns from, as an index i B (1 + N_t) + b (1 + N_t) + t into the teacher's positions.
+    target = [torch.zeros(B, n, G, dtype=torch.long, device=device) for n in n_tokens]  # (B, 1 + N_v, G)
+    group = [torch.full((B, n, G), none, dtype=torch.long, device=device) for n in n_tokens]
+    s_keep = [torch.zeros(B, n - 1, dtype=torch.bool, device=device) for n in n_tokens]  # (B, N_v)
+    t_hits = torch.zeros(G, B, n_tokens[0] - 1, dtype=torch.long, device=device)  # (G, B, N_t)
+    for k, (i, v) in enumerate(pairs):
+        first = (i * B + b) * n_tokens[0]  # teacher position of image b's CLS token in view i, (B, 1)
+        target[v][:, :1, i], group[v][:, :1, i] = first, 2 * k
+        if patches:
+            index, valid = matches[i, v]  # (B, N_v) each
+            target[v][:, 1:, i] = first + 1 + index
+            group[v][:, 1:, i] = torch.where(valid, 2 * k + 1, none)
+            s_keep[v] |= valid
+            t_hits[i].scatter_add_(1, index, valid.long())
+    if patches and not compact:
+        s_keep, t_hits = None, None
+    student_rows, _ = head_rows(n_tokens, B, s_keep, device)  # plain DINO: no patch kept
+    teacher_rows, t_row_of = head_rows(n_tokens[:1] * G, B, None if t_hits is None else list(t_hits > 0), device)
+    t_row_of = torch.cat([r.flatten() for r in t_row_of])  # teacher position -> row
+    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]  # (M_s, G) teacher positions
+    group = torch.cat([g.flatten(0, 1) for g in group])[student_rows]  # (M_s, G)
+    target = torch.where(group < none, t_row_of[target], 0)  # rows; an unused position points nowhere
+    return TokenPairs(student_rows, teacher_rows, target, group, len(pairs), (V * B, G * B))
+
+
 # ------------------------------------------------------------------------------------------------
 # Loss: image-level and patch-level self-distillation
 # ------------------------------------------------------------------------------------------------
@@ -656,69 +751,51 @@ class PWSelfLoss(nn.Module):
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.full(max(epochs - warmup_teacher_temp_epochs, 1), teacher_temp)])
 
-    def forward(self, student_out, teacher_out, matches, epoch):
-        """student_out: V tensors (B, 1 + N_v, K), global views first; teacher_out: G tensors
-        (B, 1 + N_t, K) for the global views; matches: {(i, v): (index (B, N_v), valid (B, N_v))}
-        for every teacher view i and student view v != i (unused when patch_loss_weight is 0).
+    def forward(self, student_out, teacher_out, pairs, epoch):
+        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the student and teacher rows of
+        `pairs` (a TokenPairs, from token_pairs), CLS tokens first.
         Returns (total, image part, patch part), the parts summing to the total."""
         temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
-        G, V, B = len(teacher_out), len(student_out), student_out[0].shape[0]
-        pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
-        use_patches = self.patch_loss_weight > 0
+        (s_cls, t_cls), P = pairs.n_cls, pairs.n_pairs
         world = dist.get_world_size() if _distributed() else 1
         with torch.no_grad():
             # Sharpen the teacher more than the student so its targets are confident; the centre
             # keeps any one dimension from dominating. Together they avoid both collapses.
-            t_cls = [F.softmax((t[:, 0].float() - self.center_cls) / temp, dim=-1) for t in teacher_out]  # (B, K)
-            t_patch = [F.softmax((t[:, 1:].float() - self.center_patch) / temp, dim=-1)
-                       for t in teacher_out] if use_patches else None  # (B, N_t, K)
-            # Normalisers are counted over all ranks, so the loss is that of the global batch
-            # however it is split; the world factor undoes DDP's averaging of the gradients.
-            device = student_out[0].device
-            counts = [matches[p][1].sum() for p in pairs] if use_patches else []
-            stats = torch.stack(counts + [torch.tensor(B, device=device)]).float()
-            stats = all_reduce_sum(stats)
-            counts, n_images = stats[:-1], stats[-1]
+            t = teacher_out.float()
+            q = torch.cat([F.softmax((t[:t_cls] - self.center_cls) / temp, dim=-1),
+                           F.softmax((t[t_cls:] - self.center_patch) / temp, dim=-1)])  # (M_t, K)
+            # Terms per normaliser group, counted over all ranks, so the loss is that of the global
+            # batch however it is split; the world factor undoes DDP's averaging of the gradients.
+            n = torch.zeros(2 * P + 1, device=q.device).index_add_(
+                0, pairs.group.flatten(), torch.ones(pairs.group.numel(), device=q.device))
+            n = all_reduce_sum(n[:-1]).view(P, 2)  # (pair, CLS / patches)
             if self.loss_weighting == "sum":
-                w_cls = torch.full((len(pairs),), 1.0, device=device) / (len(pairs) * n_images)
-                w_patch = self.patch_loss_weight / (len(pairs) * counts.clamp_min(1))  # no valid patch: adds 0
+                w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)  # no match: adds 0
             else:  # token_mean: CLS and patch tokens of a pair averaged as one set
-                w_cls = 1.0 / (len(pairs) * (n_images + (counts if use_patches else 0)))
-                w_patch = self.patch_loss_weight * w_cls
-            w_cls, w_patch = w_cls * world, w_patch * world
-
-        loss_image = loss_patch = torch.zeros((), device=device)
-        for v in range(V):
-            partners = [(k, i) for k, (i, vv) in enumerate(pairs) if vv == v]
-            if not partners:
-                continue
-            s = student_out[v] if use_patches else student_out[v][:, :1]
-            logp = F.log_softmax(s.float() / self.student_temp, dim=-1)  # (B, 1 + N_v, K)
-            # Cross-entropy is linear in the target: sum the weighted targets of all pairs sharing
-            # this student view first, then take one product with its log-probabilities.
-            target = sum(w_cls[k] * t_cls[i] for k, i in partners)  # (B, K)
-            loss_image = loss_image - (target * logp[:, 0]).sum()
-            if use_patches:
-                K = logp.shape[-1]
-                target = sum((w_patch[k] * matches[i, v][1].unsqueeze(-1)) *
-                             t_patch[i].gather(1, matches[i, v][0].unsqueeze(-1).expand(-1, -1, K))
-                             for k, i in partners)  # (B, N_v, K): each patch's matched teacher target
-                loss_patch = loss_patch - (target * logp[:, 1:]).sum()
-        self.update_center(teacher_out)
+                w = torch.tensor([1.0, self.patch_loss_weight], device=q.device) / n.sum(1, keepdim=True)
+            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,): per group, 0 for none
+            # Cross-entropy is linear in the target: sum the weighted targets of a student token's
+            # teacher partners (one per teacher view) first, then take one product with its log-probabilities.
+            target = sum(w[pairs.group[:, i], None] * q[pairs.target[:, i]] for i in range(pairs.target.shape[1]))  # (M_s, K)
+        logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # (M_s, K)
+        ce = -(target * logp).sum(-1)  # (M_s,)
+        loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
+        self.update_center(t[:t_cls], t[t_cls:])
         return loss_image + loss_patch, loss_image, loss_patch
 
     @torch.no_grad()
-    def update_center(self, teacher_out):
-        """EMA of the batch mean of teacher outputs, over all ranks: CLS and patch tokens apart."""
-        cls = torch.cat([t[:, 0] for t in teacher_out]).float()  # (G B, K)
-        patch = torch.cat([t[:, 1:].flatten(0, 1) for t in teacher_out]).float()  # (G B N_t, K); empty for DINO
+    def update_center(self, cls, patch):
+        """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
+        outputs apart. With a compact head the patch mean is over the patches the loss uses."""
         n = torch.tensor([len(cls), len(patch)], device=cls.device, dtype=torch.float32)
-        stats = all_reduce_sum(torch.cat([cls.sum(0), patch.sum(0), n]))
+        stats = all_reduce_sum(torch.cat([cls.float().sum(0), patch.float().sum(0), n]))
         K = cls.shape[1]
         m = self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
-        if len(patch):  # the same on every rank, and no host sync
-            self.center_patch.mul_(m).add_(stats[K:2 * K] / stats[-1], alpha=1 - m)
+        # Only when some rank had patch outputs (never, for plain DINO): decided on the device from
+        # the reduced count, so every rank decides alike and the host does not wait.
+        moved = m * self.center_patch + (1 - m) * stats[K:2 * K] / stats[-1].clamp_min(1)
+        self.center_patch.copy_(torch.where(stats[-1] > 0, moved, self.center_patch))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -979,50 +1056,51 @@ def prepare_views(batch, device):
     return views("global_views", "tile_global", params[:, :G]), views("local_views", "tile_local", params[:, G:])
 
 
+def to_device(x, device):
+    """A host tensor onto the device without making the host wait: pinned, then copied asynchronously."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
                matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
-    """One PW-Self iteration on a collated batch: augment on the device, teacher and student
-    forward, match patches, loss, backward, AdamW step, teacher EMA. Returns the loss and its
-    image and patch parts as device tensors (no host sync)."""
+    """One PW-Self iteration on a collated batch: match patches, augment on the device, teacher
+    and student forward (the heads on the used tokens only), loss, backward, AdamW step, teacher
+    EMA. Returns the loss and its image and patch parts as device tensors (no host sync)."""
     device = next(teacher.parameters()).device
     patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
+    by_coords = matching == "coords" or not patches
     glob, local = prepare_views(batch, device)
     G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
+    B = glob.shape[0] // G
+    sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
+    n_tokens = [1 + (s // patch_size) ** 2 for s in sizes]
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights (param_groups)
 
+    if by_coords:
+        # Geometry alone decides the matches, so they are found where the batch's geometry is (the
+        # host, for the data loader's batches), before the forward: the head's rows are then known
+        # without waiting for the device.
+        matches = match_views(batch["box"], batch["flip"], sizes, patch_size, G) if patches else {}
+        pairs = TokenPairs(*[to_device(x, device) if torch.is_tensor(x) else x
+                             for x in token_pairs(matches, n_tokens, B, G, patches)])
+        s_rows, t_rows = pairs.student_rows, pairs.teacher_rows
+    else:  # similarity matching needs the features: the heads run on every token
+        s_rows = to_device(head_rows(n_tokens, B)[0], device)
+        t_rows = to_device(head_rows(n_tokens[:G], B)[0], device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         with torch.no_grad():
-            t_tokens, t_logits = teacher([glob], patches)  # the teacher sees only the global views
-        s_tokens, s_logits = student([glob, local] if L else [glob], patches)
-    teacher_out = t_logits[0].chunk(G)  # G x (B, 1 + N_t, K)
-    student_out = s_logits[0].chunk(G) + (s_logits[1].chunk(L) if L else ())
-    sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
-
-    matches = {}
-    if patches:
-        box, flip = batch["box"].to(device), batch["flip"].to(device)  # (B, V, 4), (B, V)
-        B = box.shape[0]
-        if matching == "similarity":
-            t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
-            s_feats = s_tokens[0][:, 1:].detach().chunk(G) + (s_tokens[1][:, 1:].detach().chunk(L) if L else ())
-        for students in (range(G), range(G, G + L)):  # one student resolution at a time
-            pairs = [(i, v) for i in range(G) for v in students if v != i]
-            if not pairs:
-                continue
-            t, s = [i for i, _ in pairs], [v for _, v in pairs]
-            # All pairs of a resolution in one call, stacked along the batch as (P B, ...): a few
-            # kernel launches per step instead of a few per pair.
-            if matching == "coords":
-                index, valid = match_patches(box[:, t].transpose(0, 1).flatten(0, 1), flip[:, t].T.flatten(), sizes[0],
-                                             box[:, s].transpose(0, 1).flatten(0, 1), flip[:, s].T.flatten(),
-                                             sizes[s[0]], patch_size)  # (P B, N_s) each
-            else:
-                index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]), torch.cat([s_feats[v] for v in s]))
-            for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1), valid.view(len(pairs), B, -1)):
-                matches[pair] = (idx, val)  # (B, N_s) each
-    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
+            t_tokens, teacher_out = teacher([glob], t_rows)  # the teacher sees only the global views; (M_t, K)
+        s_tokens, student_out = student([glob, local] if L else [glob], s_rows)  # (M_s, K)
+    if not by_coords:
+        t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
+        s_feats = s_tokens[0][:, 1:].detach().chunk(G) + (s_tokens[1][:, 1:].detach().chunk(L) if L else ())
+        matches = match_views(None, None, sizes, patch_size, G, t_feats, s_feats)
+        pairs = token_pairs(matches, n_tokens, B, G, compact=False)
+    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, pairs, epoch)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -296,6 +296,16 @@ def _dino_loss_reference(student, teacher, center, t_temp, s_temp=0.1):
     return total / n
 
 
+def _loss_on_views(loss_fn, student, teacher, matches, epoch, compact=True):
+    """The loss as train_step runs it, from per-view head outputs: student V x (B, 1 + N_v, K),
+    teacher G x (B, 1 + N_t, K); the head's rows are picked out of them as token_pairs says."""
+    B, G = student[0].shape[0], len(teacher)
+    pairs = pw.token_pairs(matches, [s.shape[1] for s in student], B, G, loss_fn.patch_loss_weight > 0, compact)
+    s = torch.cat([x.flatten(0, 1) for x in student])[pairs.student_rows]  # (M_s, K)
+    t = torch.cat([x.flatten(0, 1) for x in teacher])[pairs.teacher_rows]  # (M_t, K)
+    return loss_fn(s, t, pairs, epoch)
+
+
 def test_loss_without_patch_term_is_the_dino_loss():
     torch.manual_seed(0)
     B, K, V = 4, 32, 5
@@ -305,7 +315,7 @@ def test_loss_without_patch_term_is_the_dino_loss():
                             warmup_teacher_temp_epochs=5, patch_loss_weight=0.0)
     loss_fn.center_cls.normal_()
     center = loss_fn.center_cls.clone()
-    total, image, patch = loss_fn(student, teacher, {}, epoch=2)
+    total, image, patch = _loss_on_views(loss_fn, student, teacher, {}, epoch=2)
     t_temp = np.linspace(0.04, 0.07, 5)[2]
     ref = _dino_loss_reference(torch.stack([s[:, 0] for s in student]), torch.stack([t[:, 0] for t in teacher]),
                                center, t_temp)
@@ -328,7 +338,7 @@ def test_patch_loss_is_the_mean_over_valid_matched_patches():
     loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.5)
     loss_fn.center_patch.normal_()
     cp = loss_fn.center_patch.clone().double()
-    total, image, patch = loss_fn(student, teacher, matches, epoch=0)
+    total, image, patch = _loss_on_views(loss_fn, student, teacher, matches, epoch=0)
     terms = []
     for (i, v), (index, valid) in matches.items():
         ce = []
@@ -350,7 +360,7 @@ def test_token_mean_weighting_matches_its_definition_on_a_tiny_example():
     teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
     matches = _random_matches(B, sizes, n_t, seed=5)
     loss_fn = pw.PWSelfLoss(K, epochs=1, loss_weighting="token_mean")
-    total, _, _ = loss_fn(student, teacher, matches, epoch=0)
+    total, _, _ = _loss_on_views(loss_fn, student, teacher, matches, epoch=0)
 
     def ce(t, s):
         return -(torch.softmax(t.double() / 0.04, -1) * torch.log_softmax(s.double() / 0.1, -1)).sum()
@@ -371,8 +381,58 @@ def test_no_valid_patch_gives_finite_loss_and_zero_patch_part():
     matches = {(i, v): (torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, 4, dtype=torch.bool))
                for i in range(2) for v in range(4) if v != i}
     for weighting in ("sum", "token_mean"):
-        total, image, patch = pw.PWSelfLoss(K, epochs=1, loss_weighting=weighting)(student, teacher, matches, 0)
+        total, image, patch = _loss_on_views(pw.PWSelfLoss(K, epochs=1, loss_weighting=weighting),
+                                             student, teacher, matches, 0)
         assert torch.isfinite(total) and patch.item() == 0.0 and total.item() == image.item()
+
+
+def test_head_rows_are_the_cls_tokens_then_exactly_the_patches_the_loss_reads():
+    B, G, sizes, n_t = 3, 2, [4, 4, 1, 1, 1], 4
+    matches = _random_matches(B, sizes, n_t, seed=3)
+    pairs = pw.token_pairs(matches, [1 + n for n in sizes], B, G)
+    start = np.cumsum([0] + [B * (1 + n) for n in sizes])  # where each view's tokens begin
+    s_kept = [start[v] + b * (1 + sizes[v]) + 1 + n for v in range(len(sizes)) for b in range(B)
+              for n in range(sizes[v]) if any(valid[b, n] for (i, w), (_, valid) in matches.items() if w == v)]
+    t_kept = sorted({(i * B + b) * (1 + n_t) + 1 + int(index[b, n]) for (i, v), (index, valid) in matches.items()
+                     for b in range(B) for n in range(sizes[v]) if valid[b, n]})
+    cls = [start[v] + b * (1 + sizes[v]) for v in range(len(sizes)) for b in range(B)]
+    assert pairs.student_rows.tolist() == cls + s_kept
+    assert pairs.teacher_rows.tolist() == [(i * B + b) * (1 + n_t) for i in range(G) for b in range(B)] + t_kept
+    assert len(s_kept) < sum(sizes) * B and len(t_kept) < G * n_t * B  # something was left out
+    # every term points at the right teacher token: CLS to CLS, a valid patch to its matched patch
+    t_pos, s_pos = pairs.teacher_rows, pairs.student_rows
+    k = 0
+    for (i, v), (index, valid) in matches.items():
+        for b in range(B):
+            row = cls.index(start[v] + b * (1 + sizes[v]))
+            assert pairs.group[row, i] == 2 * k and t_pos[pairs.target[row, i]] == (i * B + b) * (1 + n_t)
+            for n in range(sizes[v]):
+                pos = start[v] + b * (1 + sizes[v]) + 1 + n
+                if valid[b, n]:
+                    row = s_pos.tolist().index(pos)
+                    assert pairs.group[row, i] == 2 * k + 1
+                    assert t_pos[pairs.target[row, i]] == (i * B + b) * (1 + n_t) + 1 + index[b, n]
+        k += 1
+
+
+def test_running_the_head_on_the_used_tokens_only_changes_neither_loss_nor_gradient():
+    torch.manual_seed(4)
+    B, K, sizes, n_t = 3, 16, [4, 4, 1, 1], 4
+    teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
+    matches = _random_matches(B, sizes, n_t, seed=7)
+    results = []
+    for compact in (True, False):
+        torch.manual_seed(5)
+        student = [torch.randn(B, 1 + n, K, requires_grad=True) for n in sizes]
+        loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.7)
+        loss_fn.center_cls.normal_()
+        loss_fn.center_patch.normal_()
+        losses = _loss_on_views(loss_fn, student, teacher, matches, 0, compact)
+        losses[0].backward()
+        results.append(([x.item() for x in losses], [s.grad for s in student]))
+    (compact_losses, compact_grads), (full_losses, full_grads) = results
+    assert np.allclose(compact_losses, full_losses, rtol=1e-6, atol=0), (compact_losses, full_losses)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(compact_grads, full_grads))
 
 
 def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
@@ -383,12 +443,16 @@ def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     loss_fn = pw.PWSelfLoss(K, epochs=1)
     loss_fn.center_cls.fill_(0.5)
     loss_fn.center_patch.fill_(-0.5)
-    total, _, _ = loss_fn(student, teacher, matches, 0)
+    total, _, _ = _loss_on_views(loss_fn, student, teacher, matches, 0)
     total.backward()
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
     assert all(t.grad is None for t in teacher)
     cls_mean = torch.cat([t[:, 0] for t in teacher]).mean(0)
-    patch_mean = torch.cat([t[:, 1:].reshape(-1, K) for t in teacher]).mean(0)
+    # the patch centre follows the teacher patches the loss used, each once
+    used = {(i, b, int(index[b, n])) for (i, v), (index, valid) in matches.items()
+            for b in range(B) for n in range(index.shape[1]) if valid[b, n]}
+    assert 0 < len(used) < 2 * B * 4
+    patch_mean = torch.stack([teacher[i][b, 1 + n] for i, b, n in used]).mean(0)
     assert torch.allclose(loss_fn.center_cls[0], 0.9 * 0.5 + 0.1 * cls_mean.detach(), atol=1e-6)
     assert torch.allclose(loss_fn.center_patch[0], 0.9 * -0.5 + 0.1 * patch_mean.detach(), atol=1e-6)
 

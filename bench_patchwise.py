@@ -11,6 +11,7 @@ warm-up. Sections:
   2. training step (teacher + student forward, loss, backward, AdamW, EMA) on a batch already on
      the device, for DINO, PW-Self with coordinate matching and PW-Self with similarity matching:
      time, images/s, peak memory, MFU, and the ratios to DINO beside the analytic FLOP ratio;
+     on a CPU, also the peak memory (process RSS) of a ViT-S/16 step at the GPU sizes;
   3. matching alone: match_patches against argmax-cosine similarity matching.
 """
 import argparse
@@ -19,6 +20,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -164,41 +167,40 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
     return results
 
 
-def saved_bytes(step, params):
-    """Bytes of the tensors autograd keeps for the backward pass during one call of step(),
-    parameters excluded: the part of training memory that grows with the batch, countable on any
-    device (a CPU has no peak-memory counter)."""
-    weights = {p.untyped_storage().data_ptr() for p in params}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()  # views of one storage count once
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(saved.values())
-
-
-def bench_activation_memory(arch, depth, patch, global_size, local_size, n_local, K, head, batch):
-    """Saved-for-backward bytes per image of one bf16-autocast training step, DINO against PW-Self:
-    the GPU configuration's activation memory, counted on whatever device runs the benchmark."""
+def step_memory_child(variant, batch):
+    """Run in a fresh process by bench_step_memory: two bf16-autocast training steps of ViT-S/16 at
+    224/96 px, K 8192, on the CPU; prints the process's RSS before the first step and at its peak,
+    in MiB, as JSON. The loss's row chunk is scaled to this batch as for a batch of 128, so the
+    loss's temporaries take the share of memory they take in a GPU run."""
+    import resource
+    weight, photometric = {"dino": (0.0, "view"), "pwself": (1.0, "patch")}[variant]
+    pw.SoftCrossEntropy.CHUNK = pw.SoftCrossEntropy.CHUNK * batch // 128
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
+    ds = pw.MultiViewDataset(train, 0, 224, 96, 8, 16, photometric)
+    collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
+    torch.manual_seed(0)
+    student = pw.build_encoder("vit_small", 16, 8192, 0.1, 12, 224, 2048, 256)
+    teacher = pw.build_encoder("vit_small", 16, 8192, 0.0, 12, 224, 2048, 256)
+    teacher.requires_grad_(False)
+    loss_fn = pw.PWSelfLoss(8192, 100, patch_loss_weight=weight)
+    opt = torch.optim.AdamW(pw.param_groups(student))
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    for _ in range(2):
+        pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
+                      patch_size=16, amp_dtype=torch.bfloat16)
+    print(json.dumps({"before_mib": before, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_step_memory(batch=8):
+    """Peak memory of a ViT-S/16 step on a CPU, which has no peak-memory counter: the peak RSS of a
+    fresh process, with glibc returning every large free to the OS so that RSS follows the live
+    tensors. Linux only."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = {}
-    for name, weight, photometric, matching in [("dino", 0.0, "view", "coords"), ("pwself", 1.0, "patch", "coords"),
-                                                ("pwself_similarity", 1.0, "patch", "similarity")]:
-        ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
-        collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
-        torch.manual_seed(0)
-        student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head)
-        teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head)
-        teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight)
-        opt = torch.optim.AdamW(pw.param_groups(student))
-        out[name] = saved_bytes(lambda: pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04,
-                                                      momentum=0.996, patch_size=patch, matching=matching,
-                                                      amp_dtype=torch.bfloat16), student.parameters()) / batch
+    for variant in ("dino", "pwself"):
+        run = subprocess.run([sys.executable, os.path.abspath(__file__), "--step_memory_child", variant, str(batch)],
+                             env=env, capture_output=True, text=True, check=True)
+        out[variant] = json.loads(run.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -222,9 +224,12 @@ def bench_matching(device, batch, global_size, local_size, patch, dim, n_local, 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--step_memory_child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()
+    if args.step_memory_child:
+        return step_memory_child(args.step_memory_child[0], int(args.step_memory_child[1]))
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__}
@@ -258,10 +263,15 @@ def main():
         print(f"   keeping one such step fed takes {r['pwself']['img_s'] / w['ours_img_s']:.1f} worker processes "
               f"({r['pwself']['img_s']:.0f} img/s / {w['ours_img_s']:.1f} per worker)")
 
-    a = bench_activation_memory("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), 2)
-    report["activation_memory_mib_per_image"] = {k: v / 2 ** 20 for k, v in a.items()}
-    print("\n2b. activation memory (saved for backward) per image, ViT-S/16 224/96x8 K=8192, bf16 autocast, "
-          "counted on this device:\n   " + ", ".join(f"{k} {v / 2 ** 20:.1f} MiB ({v / a['dino']:.2f}x)" for k, v in a.items()))
+    if device.type == "cpu" and platform.system() == "Linux":
+        mem = bench_step_memory()
+        report["cpu_step_memory"] = mem
+        d, p = mem["dino"], mem["pwself"]
+        print(f"\n2b. peak memory of a ViT-S/16 step, 224/96x8 K=8192, bf16 autocast, batch 8, as process RSS on this CPU:\n"
+              f"   DINO {d['peak_mib']:.0f} MiB, PW-Self {p['peak_mib']:.0f} MiB ({p['peak_mib'] / d['peak_mib']:.2f}x); "
+              f"over the process before the first step: DINO +{d['peak_mib'] - d['before_mib']:.0f} MiB, "
+              f"PW-Self +{p['peak_mib'] - p['before_mib']:.0f} MiB "
+              f"({(p['peak_mib'] - p['before_mib']) / (d['peak_mib'] - d['before_mib']):.2f}x)")
 
     m = bench_matching(device, 64, 224, 96, 16, 384, 8, args.repeats * 4)
     report["matching"] = m

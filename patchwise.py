@@ -732,6 +732,53 @@ def all_reduce_sum(x):
     return x
 
 
+def mix_targets(q, target, weight):
+    """Each student row's target distribution: the teacher probabilities q (M_t, K) of its partners,
+    rows target (M_s, G), one per teacher view, summed with weight (M_s, G). Cross-entropy is linear
+    in the target, so one product per student row serves all of its partners."""
+    t = q[target[:, 0]].mul_(weight[:, :1])  # (M_s, K)
+    for i in range(1, target.shape[1]):
+        t.addcmul_(q[target[:, i]], weight[:, i:i + 1])
+    return t
+
+
+class SoftCrossEntropy(torch.autograd.Function):
+    """ce = -sum_k t_k log softmax(s / T)_k per student row, t = mix_targets(q, target, weight).
+    Written out for memory: left to autograd, the loss keeps two float32 (M_s, K) tensors for the
+    backward and makes several more at once, at K = 8192 the largest live set of the whole step.
+    This keeps only the logits s and the teacher's probabilities q, and goes through the rows in
+    chunks, rebuilding t and softmax(s / T) for the backward."""
+    CHUNK = 2 ** 26  # elements of a (rows, K) float32 temporary: 256 MB
+
+    @staticmethod
+    def forward(ctx, s, q, target, weight, temp):
+        ctx.save_for_backward(s, q, target, weight)
+        ctx.temp = temp
+        wide = torch.promote_types(s.dtype, torch.float32)  # bf16 logits: the softmax in float32
+        ce = s.new_empty(len(s), dtype=wide)
+        for rows in SoftCrossEntropy.chunks(s):
+            logp = F.log_softmax(s[rows].to(wide) / temp, dim=-1)  # (C, K)
+            ce[rows] = -logp.mul_(mix_targets(q, target[rows], weight[rows])).sum(-1)
+        return ce  # (M_s,)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, q, target, weight = ctx.saved_tensors
+        grad_s = torch.empty_like(s)
+        for rows in SoftCrossEntropy.chunks(s):
+            p = F.softmax(s[rows].to(torch.promote_types(s.dtype, torch.float32)) / ctx.temp, dim=-1)  # (C, K)
+            # d ce / d s = (sum_k t_k * softmax(s / T) - t) / T, where sum_k t_k is the sum of the
+            # weights, each row of q summing to 1.
+            g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(mix_targets(q, target[rows], weight[rows]))
+            grad_s[rows] = g.mul_(grad[rows, None] / ctx.temp)
+        return grad_s, None, None, None, None
+
+    @staticmethod
+    def chunks(s):
+        n = max(1, SoftCrossEntropy.CHUNK // s.shape[1])
+        return [slice(i, i + n) for i in range(0, len(s), n)]
+
+
 class PWSelfLoss(nn.Module):
     """Cross-entropy between sharpened, centred teacher outputs and student outputs, for the CLS
     token of every (teacher global view i, student view v != i) pair and for every student patch
@@ -761,9 +808,14 @@ class PWSelfLoss(nn.Module):
         with torch.no_grad():
             # Sharpen the teacher more than the student so its targets are confident; the centre
             # keeps any one dimension from dominating. Together they avoid both collapses.
-            t = teacher_out.float()
-            q = torch.cat([F.softmax((t[:t_cls] - self.center_cls) / temp, dim=-1),
-                           F.softmax((t[t_cls:] - self.center_patch) / temp, dim=-1)])  # (M_t, K)
+            # One float32 copy of the teacher's outputs, made into its targets in place: at K = 8192
+            # these (M_t, K) tensors are as large as the teacher's activations.
+            q = teacher_out.to(torch.float32, copy=True)  # (M_t, K)
+            q[:t_cls] -= self.center_cls
+            q[t_cls:] -= self.center_patch
+            q.div_(temp)
+            q.sub_(q.amax(-1, keepdim=True)).exp_()
+            q.div_(q.sum(-1, keepdim=True))  # the softmax, in place
             # Terms per normaliser group, counted over all ranks, so the loss is that of the global
             # batch however it is split; the world factor undoes DDP's averaging of the gradients.
             n = torch.zeros(2 * P + 1, device=q.device).index_add_(
@@ -774,13 +826,9 @@ class PWSelfLoss(nn.Module):
             else:  # token_mean: CLS and patch tokens of a pair averaged as one set
                 w = torch.tensor([1.0, self.patch_loss_weight], device=q.device) / n.sum(1, keepdim=True)
             w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,): per group, 0 for none
-            # Cross-entropy is linear in the target: sum the weighted targets of a student token's
-            # teacher partners (one per teacher view) first, then take one product with its log-probabilities.
-            target = sum(w[pairs.group[:, i], None] * q[pairs.target[:, i]] for i in range(pairs.target.shape[1]))  # (M_s, K)
-        logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # (M_s, K)
-        ce = -(target * logp).sum(-1)  # (M_s,)
+        ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)  # (M_s,)
         loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
-        self.update_center(t[:t_cls], t[t_cls:])
+        self.update_center(teacher_out[:t_cls], teacher_out[t_cls:])
         return loss_image + loss_patch, loss_image, loss_patch
 
     @torch.no_grad()
@@ -788,7 +836,7 @@ class PWSelfLoss(nn.Module):
         """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
         outputs apart. With a compact head the patch mean is over the patches the loss uses."""
         n = torch.tensor([len(cls), len(patch)], device=cls.device, dtype=torch.float32)
-        stats = all_reduce_sum(torch.cat([cls.float().sum(0), patch.float().sum(0), n]))
+        stats = all_reduce_sum(torch.cat([cls.sum(0, dtype=torch.float32), patch.sum(0, dtype=torch.float32), n]))
         K = cls.shape[1]
         m = self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)

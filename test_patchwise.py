@@ -435,6 +435,21 @@ def test_running_the_head_on_the_used_tokens_only_changes_neither_loss_nor_gradi
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(compact_grads, full_grads))
 
 
+def test_soft_cross_entropy_backward_is_the_gradient_of_its_forward(monkeypatch):
+    monkeypatch.setattr(pw.SoftCrossEntropy, "CHUNK", 18)  # chunks of 3 rows: the seams are checked too
+    g = torch.Generator().manual_seed(6)
+    M_s, M_t, K = 7, 4, 6
+    s = torch.randn(M_s, K, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.softmax(torch.randn(M_t, K, generator=g, dtype=torch.float64), -1)
+    target = torch.randint(0, M_t, (M_s, 2), generator=g)
+    weight = torch.rand(M_s, 2, generator=g, dtype=torch.float64) * (torch.rand(M_s, 2, generator=g) < 0.7)
+    assert torch.autograd.gradcheck(lambda x: pw.SoftCrossEntropy.apply(x, q, target, weight, 0.1), (s,))
+    # and the forward is the cross-entropy written out
+    t = sum(weight[:, i, None] * q[target[:, i]] for i in range(2))
+    ref = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1)
+    assert torch.allclose(pw.SoftCrossEntropy.apply(s, q, target, weight, 0.1), ref, rtol=1e-12)
+
+
 def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     B, K = 3, 8
     student = [torch.randn(B, 5, K, requires_grad=True) for _ in range(3)]

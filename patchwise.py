@@ -18,6 +18,7 @@ values, so it can be copied alone into another project.
 """
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -509,6 +510,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@functools.lru_cache(maxsize=None)
+def constant(values, device):
+    """A small constant tensor on `device`, made once: a tensor made from host values waits for
+    the device, which the training step must never do."""
+    return torch.tensor(values, device=device)
+
+
 def grayscale(x):
     """ITU-R 601 luma of (B, 3, ...) -> (B, 1, ...), as torchvision's rgb_to_grayscale."""
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
@@ -524,7 +532,7 @@ def adjust_hue(x, shift):
     h = (h / 6 + shift.squeeze(1)) % 1.0  # (B, ...), in turns
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 h) mod 6, and v s = max - min.
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, *([1] * (x.dim() - 2)))
+    n = constant((5.0, 3.0, 1.0), x.device).view(1, 3, *([1] * (x.dim() - 2)))
     k = (n + 6 * h.unsqueeze(1)) % 6  # (B, 3, ...)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
@@ -578,8 +586,8 @@ def photometric_augment(views, tile, view):
 
 
 def normalize(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)
+    std = constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -824,7 +832,8 @@ class PWSelfLoss(nn.Module):
             if self.loss_weighting == "sum":
                 w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)  # no match: adds 0
             else:  # token_mean: CLS and patch tokens of a pair averaged as one set
-                w = torch.tensor([1.0, self.patch_loss_weight], device=q.device) / n.sum(1, keepdim=True)
+                total = n.sum(1)
+                w = torch.stack([1.0 / total, self.patch_loss_weight / total], 1)
             w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,): per group, 0 for none
         ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)  # (M_s,)
         loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
@@ -835,8 +844,8 @@ class PWSelfLoss(nn.Module):
     def update_center(self, cls, patch):
         """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
         outputs apart. With a compact head the patch mean is over the patches the loss uses."""
-        n = torch.tensor([len(cls), len(patch)], device=cls.device, dtype=torch.float32)
-        stats = all_reduce_sum(torch.cat([cls.sum(0, dtype=torch.float32), patch.sum(0, dtype=torch.float32), n]))
+        n = [torch.full((1,), float(len(x)), device=cls.device) for x in (cls, patch)]  # made on the device: no sync
+        stats = all_reduce_sum(torch.cat([cls.sum(0, dtype=torch.float32), patch.sum(0, dtype=torch.float32), *n]))
         K = cls.shape[1]
         m = self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)

@@ -4,8 +4,8 @@
     python bench_patchwise.py                 # CPU: ViT-tiny at 32/16 px, a few minutes
     python bench_patchwise.py --device cuda   # GPU: ViT-S/16 and ViT-B/16 at 224/96, K = 8192
 
-Prints a table and writes it as JSON (--out). Every figure is a median over --repeats runs after
-warm-up. Sections:
+Prints a table and writes it as JSON (--out). Every time is a median over --repeats runs after
+warm-up, the compared variants timed in turn. Sections:
   1. data workers: images/s of one process producing one training sample from an ImageNet-size
      JPEG, against a DINO-style PIL pipeline (colour work included) on the same file;
   2. training step (teacher + student forward, loss, backward, AdamW, EMA) on a batch already on
@@ -34,17 +34,21 @@ import patchwise as pw
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def median_time(fn, repeats, warmup=2, sync=lambda: None):
-    for _ in range(warmup):
-        fn()
+def interleaved_medians(fns, repeats, warmup=2, sync=lambda: None):
+    """Median seconds of each function of fns (a dict), timed in turn, one call of each per round,
+    so that a slow drift of the machine falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def imagenet_size_jpeg():
@@ -89,8 +93,10 @@ def bench_workers(repeats, global_size=224, local_size=96, n_local=8, patch_size
 
     ours = pw.MultiViewDataset(OneFile(), 0, global_size, local_size, n_local, patch_size)
     n = 20
-    t_ours = median_time(lambda: [ours[(e, 0)] for e in range(n)], repeats) / n
-    t_ref = median_time(lambda: [dino_reference_sample(data, global_size, local_size, n_local) for _ in range(n)], repeats) / n
+    t = interleaved_medians({"ours": lambda: [ours[(e, 0)] for e in range(n)],
+                             "reference": lambda: [dino_reference_sample(data, global_size, local_size, n_local)
+                                                   for _ in range(n)]}, repeats)
+    t_ours, t_ref = t["ours"] / n, t["reference"] / n
     return {"ours_img_s": 1 / t_ours, "dino_reference_img_s": 1 / t_ref, "speedup": t_ref / t_ours}
 
 
@@ -121,15 +127,17 @@ def head_tokens(batch, sizes, patch, patches, compact):
 
 
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
+    """Step time, FLOPs, MFU and (on CUDA) peak memory of DINO, PW-Self and PW-Self with similarity
+    matching, built side by side and timed in turn (interleaved_medians)."""
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
     dims = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
     sizes_student, sizes_teacher = [global_size] * 2 + [local_size] * n_local, [global_size] * 2
     sim_pairs = [(s, global_size) for i in range(2) for v, s in enumerate(sizes_student) if v != i]
     amp = torch.bfloat16 if device.type == "cuda" else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    def variant(weight, photometric, matching):
-        """One variant's step time, FLOPs, peak memory and MFU; its models are freed on return, so the
-        next variant's peak memory is its own."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def build(weight, photometric, matching):
         ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
         collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
         # the views on the device; the geometry stays on the host, as the data loader delivers it
@@ -140,25 +148,42 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
         loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
-        opt = torch.optim.AdamW(pw.param_groups(student), fused=device.type == "cuda")
+        opt = torch.optim.AdamW(pw.param_groups(student), fused=cuda)
 
         def step():
             pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
                           patch_size=patch, matching=matching, amp_dtype=amp)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t = median_time(step, repeats, warmup=3, sync=sync)
+
+        def resident_bytes():
+            """What this variant keeps on the device between steps: weights, gradients, optimizer state, batch."""
+            tensors = [*student.parameters(), *teacher.parameters(), *loss_fn.buffers(),
+                       *(p.grad for p in student.parameters() if p.grad is not None),
+                       *(s for state in opt.state.values() for s in state.values() if torch.is_tensor(s)),
+                       *(v for v in collated.values() if v.device.type == "cuda")]
+            return sum(t.numel() * t.element_size() for t in tensors)
         tokens = head_tokens(collated, sizes_student, patch, weight > 0, matching == "coords")
         flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
                                    sim_pairs if matching == "similarity" else ())
-        peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-        return {"step_s": t, "img_s": batch / t, "flops": flops, "head_tokens_per_image": tokens,
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-                "mfu": flops / t / peak if peak else None}
+        return step, resident_bytes, {"flops": flops, "head_tokens_per_image": tokens}
 
-    results = {"dino": variant(0.0, "view", "coords"), "pwself": variant(1.0, "patch", "coords"),
-               "pwself_similarity": variant(1.0, "patch", "similarity")}
+    variants = {"dino": build(0.0, "view", "coords"), "pwself": build(1.0, "patch", "coords"),
+                "pwself_similarity": build(1.0, "patch", "similarity")}
+    times = interleaved_medians({name: step for name, (step, _, _) in variants.items()}, repeats, warmup=3, sync=sync)
+    results = {}
+    for name, (step, resident_bytes, info) in variants.items():
+        results[name] = dict(info, peak_mem_gib=None, step_s=times[name], img_s=batch / times[name])
+        if cuda:
+            # The other variants' models are resident too: this step's peak is what it adds on top
+            # of everything resident, plus its own resident part.
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            own = resident_bytes()
+            step()
+            sync()
+            results[name]["peak_mem_gib"] = (own + torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
+    for r in results.values():
+        r["mfu"] = r["flops"] / r["step_s"] / peak if peak else None
     for name in ("pwself", "pwself_similarity"):
         results[name]["time_ratio_to_dino"] = results[name]["step_s"] / results["dino"]["step_s"]
         results[name]["flop_ratio_to_dino"] = results[name]["flops"] / results["dino"]["flops"]
@@ -215,9 +240,10 @@ def bench_matching(device, batch, global_size, local_size, patch, dim, n_local, 
                 for n, s in groups]
     feats = [(torch.randn(n, (global_size // patch) ** 2, dim, generator=g).to(device),
               torch.randn(n, (s // patch) ** 2, dim, generator=g).to(device)) for n, s in groups]
-    t_coords = median_time(lambda: [pw.match_patches(tb, tf, global_size, sb, sf, s, patch)
-                                    for tb, tf, sb, sf, s in geometry], repeats, sync=sync)
-    t_sim = median_time(lambda: [pw.match_by_similarity(t, s) for t, s in feats], repeats, sync=sync)
+    t = interleaved_medians({"coords": lambda: [pw.match_patches(tb, tf, global_size, sb, sf, s, patch)
+                                                for tb, tf, sb, sf, s in geometry],
+                             "similarity": lambda: [pw.match_by_similarity(t, s) for t, s in feats]}, repeats, sync=sync)
+    t_coords, t_sim = t["coords"], t["similarity"]
     return {"coords_ms": 1e3 * t_coords, "similarity_ms": 1e3 * t_sim, "similarity_over_coords": t_sim / t_coords}
 
 
@@ -226,6 +252,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--step_memory_child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gpu_batch", type=int, default=128, help="Per-step batch of the GPU configurations.")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()
     if args.step_memory_child:
@@ -242,8 +269,8 @@ def main():
           f"({w['speedup']:.2f}x)")
 
     if device.type == "cuda":
-        configs = [("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), 128),
-                   ("vit_base", 12, 16, 224, 96, 8, 8192, (2048, 256), 128)]
+        configs = [("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), args.gpu_batch),
+                   ("vit_base", 12, 16, 224, 96, 8, 8192, (2048, 256), args.gpu_batch)]
     else:
         configs = [("vit_tiny", 12, 4, 32, 16, 6, 1024, (512, 128), 16)]
     report["steps"] = {}

@@ -891,7 +891,12 @@ def test_weights_round_trip_through_export_and_every_layout_we_read(tmp_path):
 def test_compiled_step_gives_the_eager_losses():
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(8, 2))
     ds = pw.MultiViewDataset(train, 0, 32, 16, 2, 8)
-    batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(8)])
+    # three batches whose geometry gives the heads different numbers of rows: a recompile with
+    # dynamic shapes, then its reuse
+    batches = [torch.utils.data.default_collate([ds[(epoch, i)] for i in range(8)]) for epoch in range(3)]
+    rows = {len(pw.token_pairs(pw.match_views(b["box"], b["flip"], [32, 32, 16, 16], 8), [17, 17, 5, 5], 8).student_rows)
+            for b in batches}
+    assert len(rows) > 1, rows
     losses = []
     for compile_ in (False, True):
         torch.manual_seed(0)
@@ -904,7 +909,7 @@ def test_compiled_step_gives_the_eager_losses():
         s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
         try:
             losses.append([pw.train_step(s, t, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9,
-                                         patch_size=8)[0].item() for _ in range(3)])
+                                         patch_size=8)[0].item() for batch in batches])
         except Exception as e:  # no working compiler toolchain on this machine
             if compile_:
                 pytest.skip(f"torch.compile does not work here: {type(e).__name__}")

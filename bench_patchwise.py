@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -126,6 +127,19 @@ def head_tokens(batch, sizes, patch, patches, compact):
     return len(pairs.student_rows) / B, len(pairs.teacher_rows) / B
 
 
+def host_syncs(step):
+    """Where one call of step() makes the host wait for the GPU, as 'file:line' of the Python line
+    that asked for it, from torch's sync debug mode (which does not see every kind of sync)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
     """Step time, FLOPs, MFU and (on CUDA) peak memory of DINO, PW-Self and PW-Self with similarity
     matching, built side by side and timed in turn (interleaved_medians)."""
@@ -181,6 +195,7 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
             step()
             sync()
             results[name]["peak_mem_gib"] = (own + torch.cuda.max_memory_allocated() - before) / 2 ** 30
+            results[name]["host_syncs"] = host_syncs(step)
     peak = next((v for k, v in PEAK_BF16.items() if cuda and k in torch.cuda.get_device_name()), None)
     for r in results.values():
         r["mfu"] = r["flops"] / r["step_s"] / peak if peak else None
@@ -287,6 +302,9 @@ def main():
                   f"{fmt(v['mfu'] and 100 * v['mfu'], '5.1f'):>5}% {fmt(v.get('time_ratio_to_dino', 1.0), '10.2f'):>10} "
                   f"{fmt(v.get('flop_ratio_to_dino', 1.0), '11.2f'):>11} {fmt(v.get('mem_ratio_to_dino'), '9.2f'):>9} "
                   f"{v['head_tokens_per_image'][0]:>26.1f}, {v['head_tokens_per_image'][1]:.1f}")
+        for n, v in r.items():
+            if "host_syncs" in v:
+                print(f"   {n}: host syncs in one step: {', '.join(v['host_syncs']) or 'none'}")
         print(f"   keeping one such step fed takes {r['pwself']['img_s'] / w['ours_img_s']:.1f} worker processes "
               f"({r['pwself']['img_s']:.0f} img/s / {w['ours_img_s']:.1f} per worker)")
 

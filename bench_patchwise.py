@@ -140,52 +140,61 @@ def host_syncs(step):
     return [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
+# The compared variants: patch loss weight, photometric mode, matching.
+VARIANTS = {"dino": (0.0, "view", "coords"), "pwself": (1.0, "patch", "coords"),
+            "pwself_similarity": (1.0, "patch", "similarity")}
+
+
+def build_variant(name, device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, amp):
+    """One variant's training step on a fixed batch of synthetic images, with its models on the
+    device. Returns step(), resident_bytes() and the batch; the geometry stays on the host, as the
+    loader delivers it."""
+    weight, photometric, matching = VARIANTS[name]
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
+    ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
+    collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
+    collated = {k: v if k in ("box", "flip") else v.to(device) for k, v in collated.items()}
+    torch.manual_seed(0)
+    student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head).to(device)
+    teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
+    opt = torch.optim.AdamW(pw.param_groups(student), fused=device.type == "cuda")
+
+    def step():
+        pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
+                      patch_size=patch, matching=matching, amp_dtype=amp)
+
+    def resident_bytes():
+        """What this variant keeps on the device between steps: weights, gradients, optimizer state, batch."""
+        tensors = [*student.parameters(), *teacher.parameters(), *loss_fn.buffers(),
+                   *(p.grad for p in student.parameters() if p.grad is not None),
+                   *(s for state in opt.state.values() for s in state.values() if torch.is_tensor(s)),
+                   *(v for v in collated.values() if v.device.type == "cuda")]
+        return sum(t.numel() * t.element_size() for t in tensors)
+    return step, resident_bytes, collated
+
+
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
     """Step time, FLOPs, MFU and (on CUDA) peak memory of DINO, PW-Self and PW-Self with similarity
     matching, built side by side and timed in turn (interleaved_medians)."""
-    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
     dims = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
     sizes_student, sizes_teacher = [global_size] * 2 + [local_size] * n_local, [global_size] * 2
     sim_pairs = [(s, global_size) for i in range(2) for v, s in enumerate(sizes_student) if v != i]
-    amp = torch.bfloat16 if device.type == "cuda" else None
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def build(weight, photometric, matching):
-        ds = pw.MultiViewDataset(train, 0, global_size, local_size, n_local, patch, photometric)
-        collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
-        # the views on the device; the geometry stays on the host, as the data loader delivers it
-        collated = {k: v if k in ("box", "flip") else v.to(device) for k, v in collated.items()}
-        torch.manual_seed(0)
-        student = pw.build_encoder(arch, patch, K, 0.1, depth, global_size, *head).to(device)
-        teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
-        teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
-        opt = torch.optim.AdamW(pw.param_groups(student), fused=cuda)
-
-        def step():
-            pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
-                          patch_size=patch, matching=matching, amp_dtype=amp)
-
-        def resident_bytes():
-            """What this variant keeps on the device between steps: weights, gradients, optimizer state, batch."""
-            tensors = [*student.parameters(), *teacher.parameters(), *loss_fn.buffers(),
-                       *(p.grad for p in student.parameters() if p.grad is not None),
-                       *(s for state in opt.state.values() for s in state.values() if torch.is_tensor(s)),
-                       *(v for v in collated.values() if v.device.type == "cuda")]
-            return sum(t.numel() * t.element_size() for t in tensors)
+    variants = {name: build_variant(name, device, arch, depth, patch, global_size, local_size, n_local, K, head,
+                                    batch, torch.bfloat16 if cuda else None) for name in VARIANTS}
+    times = interleaved_medians({name: step for name, (step, _, _) in variants.items()}, repeats, warmup=3, sync=sync)
+    results = {}
+    for name, (step, resident_bytes, collated) in variants.items():
+        weight, _, matching = VARIANTS[name]
         tokens = head_tokens(collated, sizes_student, patch, weight > 0, matching == "coords")
         flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
                                    sim_pairs if matching == "similarity" else ())
-        return step, resident_bytes, {"flops": flops, "head_tokens_per_image": tokens}
-
-    variants = {"dino": build(0.0, "view", "coords"), "pwself": build(1.0, "patch", "coords"),
-                "pwself_similarity": build(1.0, "patch", "similarity")}
-    times = interleaved_medians({name: step for name, (step, _, _) in variants.items()}, repeats, warmup=3, sync=sync)
-    results = {}
-    for name, (step, resident_bytes, info) in variants.items():
-        results[name] = dict(info, peak_mem_gib=None, step_s=times[name], img_s=batch / times[name])
+        results[name] = dict(flops=flops, head_tokens_per_image=tokens, peak_mem_gib=None, step_s=times[name],
+                             img_s=batch / times[name])
         if cuda:
             # The other variants' models are resident too: this step's peak is what it adds on top
             # of everything resident, plus its own resident part.
@@ -213,21 +222,12 @@ def step_memory_child(variant, batch):
     in MiB, as JSON. The loss's row chunk is scaled to this batch as for a batch of 128, so the
     loss's temporaries take the share of memory they take in a GPU run."""
     import resource
-    weight, photometric = {"dino": (0.0, "view"), "pwself": (1.0, "patch")}[variant]
     pw.SoftCrossEntropy.CHUNK = pw.SoftCrossEntropy.CHUNK * batch // 128
-    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(batch, 10))
-    ds = pw.MultiViewDataset(train, 0, 224, 96, 8, 16, photometric)
-    collated = torch.utils.data.default_collate([ds[(0, i)] for i in range(batch)])
-    torch.manual_seed(0)
-    student = pw.build_encoder("vit_small", 16, 8192, 0.1, 12, 224, 2048, 256)
-    teacher = pw.build_encoder("vit_small", 16, 8192, 0.0, 12, 224, 2048, 256)
-    teacher.requires_grad_(False)
-    loss_fn = pw.PWSelfLoss(8192, 100, patch_loss_weight=weight)
-    opt = torch.optim.AdamW(pw.param_groups(student))
+    step, _, _ = build_variant(variant, torch.device("cpu"), "vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), batch,
+                               torch.bfloat16)
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
     for _ in range(2):
-        pw.train_step(student, teacher, loss_fn, opt, collated, epoch=0, lr=1e-4, wd=0.04, momentum=0.996,
-                      patch_size=16, amp_dtype=torch.bfloat16)
+        step()
     print(json.dumps({"before_mib": before, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -761,8 +761,8 @@ class SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, q, target, weight, temp):
         ctx.save_for_backward(s, q, target, weight)
-        ctx.temp = temp
         wide = torch.promote_types(s.dtype, torch.float32)  # bf16 logits: the softmax in float32
+        ctx.temp, ctx.wide = temp, wide
         ce = s.new_empty(len(s), dtype=wide)
         for rows in SoftCrossEntropy.chunks(s):
             logp = F.log_softmax(s[rows].to(wide) / temp, dim=-1)  # (C, K)
@@ -774,7 +774,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         s, q, target, weight = ctx.saved_tensors
         grad_s = torch.empty_like(s)
         for rows in SoftCrossEntropy.chunks(s):
-            p = F.softmax(s[rows].to(torch.promote_types(s.dtype, torch.float32)) / ctx.temp, dim=-1)  # (C, K)
+            p = F.softmax(s[rows].to(ctx.wide) / ctx.temp, dim=-1)  # (C, K)
             # d ce / d s = (sum_k t_k * softmax(s / T) - t) / T, where sum_k t_k is the sum of the
             # weights, each row of q summing to 1.
             g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(mix_targets(q, target[rows], weight[rows]))
@@ -1548,11 +1548,9 @@ def load_backbone(backbone, state, source, key="teacher"):
         state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
     problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
                 for k in own if k in state and state[k].shape != own[k].shape]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing:
-        problems.append(f"missing {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:3])}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+    for label, keys in (("missing", sorted(set(own) - set(state))), ("unexpected", sorted(set(state) - set(own)))):
+        if keys:
+            problems.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
     if problems:
         raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim {backbone.embed_dim}, patch "
                         f"{backbone.patch_size}): {'; '.join(problems[:4])}; set --arch, --patch_size and --depth to the file's")

@@ -51,15 +51,17 @@ DEFAULTS = dict(
     num_workers=10, knn_every=0, knn_k=(10, 20, 100, 200), log_every=50,
 )
 PRESETS = {
-    # The CPU demo, sized to train in under 5 minutes on 2 cores. A 12-block ViT-tiny with 4 px
-    # patches at 32 px runs at about 6 images/s there, and the DINO head on the patch tokens costs
-    # more than the backbone at such sizes, so everything that sets the cost per image is cut: 4
-    # blocks, 8 px patches (a 4x4 grid), 4 local views, a small head and K. What is left buys about
-    # 1000 optimizer steps, so the batch is small (more steps per image seen) and the teacher
-    # follows the student faster (momentum 0.99) than in a 100-epoch run.
+    # The CPU demo, sized to finish in about 3 minutes on 2 cores (measured: 178 s). A 12-block
+    # ViT-tiny with 4 px patches at 32 px runs at about 6 images/s there, and the DINO head on the
+    # patch tokens costs more than the backbone at such sizes, so everything that sets the cost per
+    # image is cut: 4 blocks, 8 px patches (a 4x4 grid), 4 local views, a small head and K. The
+    # step's time is 52% backward, 32% the two forwards, 3% the per-patch augmentation. What is
+    # left buys about 600 optimizer steps (4 epochs; 6 gained 5 more k-NN points in 50% more
+    # time), so the batch is small (more steps per image seen) and the teacher follows the student
+    # faster (momentum 0.99) than in a 100-epoch run.
     "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
-                      n_local=4, batch_size=32, epochs=6, lr=4e-3, warmup_epochs=1,
+                      n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
                       momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, knn_every=0,
                       log_every=40, knn_k=(10, 20, 100, 200)),
     # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid, as in the paper's CIFAR runs.
@@ -71,6 +73,48 @@ PRESETS = {
     "folder": dict(epochs=100, knn_every=10),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
+# ImageFolder's image extensions
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# --data folder fits its recipe to the images. Small ones (median short side up to SMALL_SIDE px:
+# digits, icons, CIFAR-sized crops) get the demo's model and 32/16 px views, since the ImageNet
+# recipe would upsample them 7x into a ViT-S/16; on a CPU they train for the demo's number of
+# samples (5,000 images x 4 epochs), so that a laptop run takes minutes whatever the folder's size
+# (a GPU, ten times that).
+# Larger images keep the folder preset (DINO's ImageNet recipe, a GPU run).
+SMALL_SIDE = 64
+CPU_SAMPLES = 20_000
+
+
+def folder_preset(data_path, cuda):
+    """The preset for --data folder: PRESETS['folder'], or for small images the demo's, with its
+    epochs set from the training set's size on a CPU. Returns (preset, a line saying which)."""
+    root = os.path.join(data_path, "train")
+    classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+
+    def images(folder):
+        return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+                      if f.lower().endswith(IMAGE_EXTENSIONS))
+    sides = []
+    for folder in classes[::max(1, len(classes) // 16)][:16]:  # a few headers from a few classes
+        for path in images(folder)[:2]:
+            try:
+                with Image.open(path) as img:
+                    sides.append(min(img.size))
+            except (OSError, ValueError, SyntaxError):
+                pass
+    side = sorted(sides)[len(sides) // 2] if sides else None
+    if side is None or side > SMALL_SIDE:
+        return PRESETS["folder"], "ImageNet recipe for --data folder (DINO's ViT-S/16 at 224/96 px)"
+    preset = {**PRESETS["synthetic"], "knn_every": 0}
+    samples = CPU_SAMPLES * (10 if cuda else 1)  # a GPU trains ten times longer in the same minutes
+    n = sum(len(images(folder)) for folder in classes)  # small images: a small count to make
+    preset["epochs"] = max(1, round(samples / n))
+    if cuda:
+        preset["num_workers"] = 8
+    budget = (f"{preset['epochs']} epochs of {n} images, about {samples} samples, on the "
+              f"{'GPU' if cuda else 'CPU'}")
+    return preset, (f"small-image recipe for --data folder (median side {side} px <= "
+                    f"{SMALL_SIDE}): the demo's ViT-tiny/8 at 32/16 px, {budget}")
 
 
 class UserError(Exception):
@@ -196,7 +240,10 @@ def _bool(s):
 def resolve_args(argv=None):
     """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
     args = build_parser().parse_args(argv)
-    preset = PRESETS[args.data]
+    preset, args.recipe = PRESETS[args.data], None
+    if args.data == "folder":
+        cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+        preset, args.recipe = folder_preset(args.data_path, cuda)
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
@@ -787,6 +834,17 @@ class SoftCrossEntropy(torch.autograd.Function):
         return [slice(i, i + n) for i in range(0, len(s), n)]
 
 
+def entropies(q):
+    """The two numbers that tell a healthy teacher from a collapsed one, for probabilities q (M, K):
+    the mean entropy of its rows and the entropy of their mean, in nats. Healthy: confident rows
+    (low) that differ between tokens (mean high). Uniform collapse: both near ln K. Collapse onto
+    one dimension: both near 0. (0, 0) for no rows. Returns float32 (2,)."""
+    if len(q) == 0:
+        return q.new_zeros(2)
+    row = sum(torch.special.entr(q[rows]).sum() for rows in SoftCrossEntropy.chunks(q)) / len(q)
+    return torch.stack([row, torch.special.entr(q.mean(0)).sum()])
+
+
 class PWSelfLoss(nn.Module):
     """Cross-entropy between sharpened, centred teacher outputs and student outputs, for the CLS
     token of every (teacher global view i, student view v != i) pair and for every student patch
@@ -809,7 +867,9 @@ class PWSelfLoss(nn.Module):
     def forward(self, student_out, teacher_out, pairs, epoch):
         """student_out (M_s, K), teacher_out (M_t, K): head outputs of the student and teacher rows of
         `pairs` (a TokenPairs, from token_pairs), CLS tokens first.
-        Returns (total, image part, patch part), the parts summing to the total."""
+        Returns (total, image part, patch part), the parts summing to the total. Leaves the
+        teacher's entropies (see `entropies`) of this batch in self.teacher_entropy, float32 (4,):
+        CLS rows, CLS mean, patch rows, patch mean."""
         temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
         (s_cls, t_cls), P = pairs.n_cls, pairs.n_pairs
         world = dist.get_world_size() if _distributed() else 1
@@ -824,6 +884,7 @@ class PWSelfLoss(nn.Module):
             q.div_(temp)
             q.sub_(q.amax(-1, keepdim=True)).exp_()
             q.div_(q.sum(-1, keepdim=True))  # the softmax, in place
+            self.teacher_entropy = torch.cat([entropies(q[:t_cls]), entropies(q[t_cls:])])
             # Terms per normaliser group, counted over all ranks, so the loss is that of the global
             # batch however it is split; the world factor undoes DDP's averaging of the gradients.
             n = torch.zeros(2 * P + 1, device=q.device).index_add_(
@@ -1124,7 +1185,8 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
                matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
     """One PW-Self iteration on a collated batch: match patches, augment on the device, teacher
     and student forward (the heads on the used tokens only), loss, backward, AdamW step, teacher
-    EMA. Returns the loss and its image and patch parts as device tensors (no host sync)."""
+    EMA. Returns a device tensor (no host sync), float32 (7,): the loss, its image and patch parts,
+    and the teacher's entropies (PWSelfLoss.teacher_entropy)."""
     device = next(teacher.parameters()).device
     patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
     by_coords = matching == "coords" or not patches
@@ -1168,7 +1230,8 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
             p.grad = None
     optimizer.step()
     ema_update(teacher, unwrap(student), momentum)
-    return loss.detach(), loss_image.detach(), loss_patch.detach()
+    losses = torch.stack([loss, loss_image, loss_patch]).detach().float()
+    return torch.cat([losses, loss_fn.teacher_entropy])  # (7,)
 
 
 def setup_distributed(device_arg=None):
@@ -1258,6 +1321,26 @@ def format_time(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def collapse_warning(image_loss_range, entropy_cls, out_dim):
+    """(kind, one line naming it) for a collapsed image level in an epoch, or None when healthy.
+    image_loss_range: the lowest and highest image loss of the epoch's steps; entropy_cls: the
+    epoch's mean of the teacher's two CLS entropies (`entropies`: rows, batch mean); out_dim: K."""
+    ln_k = math.log(out_dim)
+    flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
+    if flat_loss or entropy_cls[0] >= 0.99 * ln_k:
+        return "uniform", (
+            f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their entropy "
+            f"within 1% of ln K = {ln_k:.3f} for a whole epoch): the image level learns nothing (the "
+            f"patch level may still); DINO's remedies are a lower --teacher_temp or --out_dim; "
+            f"README, 'Collapse', says what was measured")
+    if entropy_cls[1] < math.log(2):
+        return "one dimension", (
+            f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
+            f"dimension (entropy of their batch mean {entropy_cls[1]:.2f} < ln 2); raise "
+            f"--teacher_temp towards 0.04-0.07, or lower --lr")
+    return None
+
+
 def train(args):
     """The whole run: data, models, schedules, resume, the epoch loop with logs, checkpoints and
     k-NN. The only function besides main that reads `args`."""
@@ -1340,6 +1423,8 @@ def train(args):
     initial = None
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
         initial = knn("randomly initialised teacher")
+    if args.recipe:
+        log(args.recipe)
     log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
         f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
         f"process(es), {device.type}")
@@ -1358,21 +1443,25 @@ def train(args):
 
     total_steps = args.epochs * iters
     run_start, run_start_step = time.time(), start_epoch * iters + start_iter
-    results = {}
+    results, warned = {}, set()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
-        epoch_sum = torch.zeros(3, device=device)
+        epoch_sum = torch.zeros(7, device=device)
+        image_range = torch.tensor([math.inf, -math.inf], device=device)  # this rank's image loss
         bad_images = 0  # unreadable files met this epoch (replaced by others)
-        window_sum, window_start, window_time = torch.zeros(3, device=device), start_iter, time.time()
+        window_sum, window_start = torch.zeros(7, device=device), start_iter
+        window_time = time.time()
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
-            losses = torch.stack(train_step(
+            losses = train_step(  # (7,) loss, image, patch, teacher entropies
                 student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch, lr=float(lr_schedule[step]),
                 wd=float(wd_schedule[step]), momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
                 matching=args.matching, clip_grad=args.clip_grad,
-                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype))  # (3,) total, image, patch
+                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
             epoch_sum += losses
+            image_range = torch.stack([image_range[0].minimum(losses[1]),
+                                       image_range[1].maximum(losses[1])])  # (min, max)
             bad_images += int(batch["bad"].sum())  # a CPU tensor: no device sync
             window_sum += losses
             if (step + 1) % args.log_every == 0 or it + 1 == iters:
@@ -1382,7 +1471,10 @@ def train(args):
                 speed = (it + 1 - window_start) * args.batch_size / max(elapsed, 1e-9)
                 eta = (time.time() - run_start) / (step + 1 - run_start_step) * (total_steps - step - 1)
                 log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {mean[0]:.5f} (image "
-                    f"{mean[1]:.5f} patch {mean[2]:.5f})  lr {lr_schedule[step]:.2e}  wd "
+                    f"{mean[1]:.5f} patch {mean[2]:.5f})  teacher entropy row/mean: cls "
+                    f"{mean[3]:.2f}/{mean[4]:.2f} patch {mean[5]:.2f}/{mean[6]:.2f} "
+                    f"(ln K {math.log(args.out_dim):.2f})  "
+                    f"lr {lr_schedule[step]:.2e}  wd "
                     f"{wd_schedule[step]:.3f}  mom {momentum_schedule[step]:.5f}  {speed:.0f} img/s  "
                     f"ETA {format_time(eta)}", flush=True)
                 window_sum.zero_()
@@ -1391,6 +1483,11 @@ def train(args):
                 stop_if_not_finite(weights_too=True)
                 save(epoch, it + 1)
         stop_if_not_finite(weights_too=True)
+        entropy_cls = (epoch_sum[3:5] / (iters - start_iter)).tolist()  # this rank's
+        collapse = collapse_warning(image_range.tolist(), entropy_cls, args.out_dim)
+        if collapse and collapse[0] not in warned:  # each kind once per run
+            warned.add(collapse[0])
+            log(collapse[1], flush=True)
         epoch_mean = (all_reduce_sum(epoch_sum) / (world * (iters - start_iter))).tolist()
         bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
         seen = (iters - start_iter) * args.batch_size
@@ -1401,7 +1498,9 @@ def train(args):
         start_iter = 0
         save(epoch + 1, 0)
         stats = dict(train_loss=epoch_mean[0], train_loss_image=epoch_mean[1], train_loss_patch=epoch_mean[2],
-                     bad_images=bad_images,
+                     teacher_entropy_cls=epoch_mean[3], teacher_entropy_cls_mean=epoch_mean[4],
+                     teacher_entropy_patch=epoch_mean[5], teacher_entropy_patch_mean=epoch_mean[6],
+                     ln_K=math.log(args.out_dim), bad_images=bad_images,
                      train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), epoch=epoch)
         last = epoch + 1 == args.epochs
         if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):

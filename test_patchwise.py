@@ -472,6 +472,64 @@ def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     assert torch.allclose(loss_fn.center_patch[0], 0.9 * -0.5 + 0.1 * patch_mean.detach(), atol=1e-6)
 
 
+def test_teacher_entropies_tell_a_healthy_teacher_from_both_collapses(monkeypatch):
+    K, M = 64, 32
+    uniform = torch.full((M, K), 1.0 / K)
+    one_dim = F.one_hot(torch.zeros(M, dtype=torch.long), K).double()
+    healthy = torch.softmax(torch.randn(M, K, dtype=torch.float64) * 6, dim=1)  # confident, each its own dim
+    assert torch.allclose(pw.entropies(uniform), torch.full((2,), math.log(K)))
+    assert torch.allclose(pw.entropies(one_dim), torch.zeros(2, dtype=torch.float64))
+    row, mean = pw.entropies(healthy)
+    # against the definitions, written out; rows in chunks of 3 give the same
+    assert torch.isclose(row, -(healthy * healthy.log()).sum(1).mean())
+    assert torch.isclose(mean, -(healthy.mean(0) * healthy.mean(0).log()).sum())
+    assert row < 0.5 * math.log(K) < mean
+    monkeypatch.setattr(pw.SoftCrossEntropy, "CHUNK", 3 * K)
+    assert torch.allclose(pw.entropies(healthy), torch.stack([row, mean]))
+    assert pw.entropies(torch.zeros(0, K)).tolist() == [0.0, 0.0]
+
+
+def test_collapse_warning_names_each_collapse_and_stays_silent_otherwise():
+    ln_k = math.log(1024)
+    assert pw.collapse_warning([0.995 * ln_k, 1.005 * ln_k], [6.0, 6.5], 1024)[0] == "uniform"
+    assert pw.collapse_warning([4.0, 9.0], [0.995 * ln_k, ln_k], 1024)[0] == "uniform"
+    assert pw.collapse_warning([0.5, 4.0], [0.2, 0.3], 1024)[0] == "one dimension"
+    assert pw.collapse_warning([2.5, 6.0], [2.0, 4.0], 1024) is None
+    # a loss that starts far above ln K (a random student) and ends near it is not yet a collapse
+    assert pw.collapse_warning([0.995 * ln_k, 1.2 * ln_k], [6.0, 6.5], 1024) is None
+    for kind, line in (pw.collapse_warning([ln_k, ln_k], [6.9, 6.9], 1024),
+                       pw.collapse_warning([1, 2], [0.1, 0.1], 1024)):
+        assert "\n" not in line and "collapse" in line and "--" in line  # one line, with the flags to try
+
+
+def test_collapse_warnings_fire_on_collapsed_runs_and_not_on_a_healthy_one(tmp_path, capsys):
+    def run(name, *extra):
+        pw.main(TINY + ["--synthetic_size", "192", "40", "--epochs", "3", "--no_initial_knn",
+                        "--output_dir", str(tmp_path / name)] + list(extra))
+        out = capsys.readouterr().out
+        return out, [json.loads(line) for line in open(tmp_path / name / "log.txt")]
+    out, log = run("healthy")
+    assert "warning" not in out and "teacher entropy row/mean: cls" in out
+    assert log[-1]["teacher_entropy_cls"] < log[-1]["teacher_entropy_cls_mean"] < log[-1]["ln_K"]
+    # centring without sharpening: a teacher so hot that its centred outputs are flat (DINO, fig. 7)
+    out, log = run("hot", "--teacher_temp", "10", "--warmup_teacher_temp", "10")
+    assert out.count("warning: collapse") == 1 and "uniform" in out
+    assert log[-1]["teacher_entropy_cls"] > 0.99 * log[-1]["ln_K"]
+    # sharpening without centring: every image's teacher output peaks on one dimension, as the loss
+    # sees it when the centre has not caught up (DINO, fig. 7)
+    B, K, V = 8, 64, 4
+    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    peak = torch.zeros(K)
+    peak[3] = 1.0
+    teacher = [peak + 0.01 * torch.randn(B, 5, K) for _ in range(2)]
+    student = [torch.randn(B, 5, K) for _ in range(V)]
+    image = _loss_on_views(loss_fn, student, teacher, _random_matches(B, [4] * V, 4), 0)[1]
+    entropy = loss_fn.teacher_entropy
+    assert entropy[1] < 0.01
+    kind, line = pw.collapse_warning([image.item()] * 2, entropy[:2].tolist(), K)
+    assert kind == "one dimension" and "--teacher_temp" in line
+
+
 # ------------------------------------------------------------------------------------------------
 # Data, sampler, k-NN
 # ------------------------------------------------------------------------------------------------
@@ -583,6 +641,21 @@ def test_image_folder_of_mixed_modes_and_small_images_trains(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
     assert len(log) == 1 and math.isfinite(log[0]["train_loss"]) and "knn_top1_k3" in log[0]
     assert log[0]["bad_images"] == 0
+
+
+def test_a_folder_of_small_images_gets_the_small_recipe_sized_to_the_device(tmp_path):
+    _write_image_folder(tmp_path / "small", n_per_class=25, sizes=((30, 26),))
+    _write_image_folder(tmp_path / "large", n_per_class=3, sizes=((500, 375), (320, 480)))
+    cpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cpu"])
+    # the demo's model and views, and the demo's number of samples over these 50 images
+    assert (cpu.arch, cpu.patch_size, cpu.depth, cpu.global_size, cpu.local_size) == ("vit_tiny", 8, 4, 32, 16)
+    assert cpu.epochs == round(pw.CPU_SAMPLES / 50) and "26 px" in cpu.recipe
+    gpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cuda"])
+    assert gpu.epochs == 10 * cpu.epochs and gpu.global_size == 32
+    big = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "large"), "--device", "cpu"])
+    assert (big.arch, big.patch_size, big.global_size, big.epochs) == ("vit_small", 16, 224, 100)
+    # a flag on the command line still wins over the recipe
+    assert pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--epochs", "3"]).epochs == 3
 
 
 def test_corrupt_images_are_reported_replaced_and_counted_until_too_many(tmp_path, capsys):

@@ -64,7 +64,8 @@ PRESETS = {
                       n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
                       momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, knn_every=0,
                       log_every=40, knn_k=(10, 20, 100, 200)),
-    # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid, as in the paper's CIFAR runs.
+    # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid. Not the paper's public code, which
+    # upsamples CIFAR-10 to 224/96 px for a ViT-tiny/16 with K = 1000. Not yet measured on a GPU.
     "cifar10": dict(arch="vit_small", patch_size=4, global_size=32, local_size=16, n_local=8,
                     out_dim=4096, batch_size=512, epochs=300, knn_every=20, num_workers=8),
     # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
@@ -121,8 +122,13 @@ class UserError(Exception):
     """A mistake in the command line or the data: main prints its one-line message, no traceback."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main, as for every other user mistake
+        raise UserError(f"{message}; see --help")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patch level).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
@@ -240,28 +246,65 @@ def _bool(s):
 def resolve_args(argv=None):
     """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
     args = build_parser().parse_args(argv)
-    preset, args.recipe = PRESETS[args.data], None
+    preset, args.notes = PRESETS[args.data], []  # notes: what was chosen for the user, logged once
     if args.data == "folder":
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-        preset, args.recipe = folder_preset(args.data_path, cuda)
+        preset, recipe = folder_preset(args.data_path, cuda)
+        args.notes.append(recipe)
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
     args.global_scale, args.local_scale = tuple(args.global_scale), tuple(args.local_scale)
     args.blur_sigma = tuple(args.blur_sigma)
     args.knn_k = tuple(args.knn_k)
+    # More loader processes than the cores this rank may use only make them fight for the cores.
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores count
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # set by torchrun
+    if args.num_workers > cores:
+        args.notes.append(f"{args.num_workers} data workers asked for, {cores} used: the cores "
+                          f"this process may use")
+        args.num_workers = cores
     return args
+
+
+# What each numeric flag takes: (test of one value, the words for it). --seed takes any integer.
+ORDERED = ("global_scale", "local_scale", "blur_sigma")  # ranges: (low, high)
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "a positive number"), (lambda v: v >= 0, "0 or more")
+UNIT = (lambda v: 0 < v <= 1, "a value in (0, 1]")
+RANGES = dict(
+    synthetic_size=POSITIVE, num_workers=NON_NEGATIVE,
+    max_bad_images=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    patch_size=POSITIVE, depth=POSITIVE, drop_path=(lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    out_dim=(lambda v: v >= 2, "2 or more"), head_hidden_dim=POSITIVE, bottleneck_dim=POSITIVE,
+    global_size=POSITIVE, local_size=POSITIVE, n_local=NON_NEGATIVE, global_scale=UNIT,
+    local_scale=UNIT, blur_sigma=NON_NEGATIVE, patch_loss_weight=NON_NEGATIVE,
+    teacher_temp=POSITIVE, warmup_teacher_temp=POSITIVE, warmup_teacher_temp_epochs=NON_NEGATIVE,
+    batch_size=POSITIVE, epochs=POSITIVE, lr=POSITIVE, min_lr=NON_NEGATIVE,
+    warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE, weight_decay_end=NON_NEGATIVE,
+    momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"), clip_grad=NON_NEGATIVE,
+    freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE, log_every=POSITIVE,
+    knn_every=NON_NEGATIVE, knn_k=POSITIVE,
+)
 
 
 def check_args(args):
     """Catch the configuration mistakes that would otherwise fail deep inside a run."""
+    for name, (allowed, words) in RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # --depth: the architecture's own
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        if not all(math.isfinite(v) and allowed(v) for v in values):
+            raise UserError(f"--{name} {shown} is out of range: it takes {words}")
+        if name in ORDERED and values[0] > values[1]:
+            raise UserError(f"--{name} {shown}: give the smaller value first")
     for name in ("global_size", "local_size"):
         size = getattr(args, name)
         if size % args.patch_size:
             raise UserError(f"--{name} {size} is not divisible by --patch_size {args.patch_size}; "
                             f"use a multiple such as {size // args.patch_size * args.patch_size or args.patch_size}")
-    if args.batch_size < 1 or args.epochs < 1:
-        raise UserError("--batch_size and --epochs must be positive")
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; use a "
@@ -981,6 +1024,27 @@ class ArrayDataset(torch.utils.data.Dataset):
         return Image.fromarray(self.images[index]), int(self.targets[index])
 
 
+# ImageNet-100 by convention: the 100 ImageNet-1K classes of CMC (Tian et al. 2019), as its
+# authors published them and solo-learn and most papers use them; other subsets do not compare.
+IMAGENET100_CLASSES = (
+    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823",
+    "n04589890", "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013",
+    "n04485082", "n02105505", "n01983481", "n02788148", "n03530642", "n04435653", "n02086910",
+    "n02859443", "n13040303", "n03594734", "n02085620", "n02099849", "n01558993", "n04493381",
+    "n02109047", "n04111531", "n02877765", "n04429376", "n02009229", "n01978455", "n02106550",
+    "n01820546", "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736",
+    "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251", "n02701002",
+    "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318",
+    "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973",
+    "n03017168", "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322",
+    "n02113978", "n03787032", "n02089867", "n02119022", "n03777754", "n04238763", "n02231487",
+    "n03032252", "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056",
+    "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045", "n04229816",
+    "n02100583", "n03642806", "n04336792", "n03259280", "n02116738", "n02108089", "n03424325",
+    "n01855672", "n02090622",
+)
+
+
 def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
     """The train and val sets for --data, each yielding (PIL image, label); and the class count."""
     if data == "synthetic":
@@ -998,15 +1062,37 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
         return train, val, 10
     if not os.path.isdir(data_path):
         raise UserError(f"--data_path {data_path} does not exist; point it at the folder holding train/ and val/")
+    classes = None  # every sub-folder is a class
+    if data == "in100":
+        classes = sorted(IMAGENET100_CLASSES)
+        present = set(os.listdir(os.path.join(data_path, "train"))) if os.path.isdir(
+            os.path.join(data_path, "train")) else set()
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise UserError(f"--data in100: {len(missing)} of the 100 ImageNet-100 (CMC) classes "
+                            f"are missing from {os.path.join(data_path, 'train')}, such as "
+                            f"{', '.join(missing[:3])}; point --data_path at the ImageNet-1K root "
+                            f"or at a folder of exactly those classes")
+        if int(os.environ.get("RANK", 0)) == 0:
+            which = (f"the prepared 100-class folder {data_path}" if len(present) == 100 else
+                     f"the 100 CMC classes of the {len(present)} in {data_path}")
+            print(f"ImageNet-100: {which}")
+
+    class Folder(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):  # only the preset's classes, labelled in sorted order
+            if classes is None:
+                return super().find_classes(directory)
+            return classes, {c: i for i, c in enumerate(classes)}
     splits = []
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
             raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ ImageFolders")
         try:
-            splits.append(torchvision.datasets.ImageFolder(root, loader=load_image))
+            splits.append(Folder(root, loader=load_image))
         except FileNotFoundError as e:
-            raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of images per class") from None
+            raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of "
+                            f"images per class") from None
     return splits[0], splits[1], len(splits[0].classes)
 
 
@@ -1048,7 +1134,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        rng = np.random.default_rng((self.seed, epoch, index))
+        rng = np.random.default_rng((self.seed % 2 ** 64, epoch, index))  # numpy wants seeds >= 0
         bad = 0
         while True:
             try:
@@ -1279,6 +1365,14 @@ def read_weights(path, trust=False):
     refused unless the user says they trust it; an unreadable one ends with a one-line error."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK..), older torch a bare pickle (protocol byte 0x80)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = ("empty" if not head else "an image" if head.startswith(IMAGE_MAGIC) else
+                "not a PyTorch file")
+        raise UserError(f"{path} is {what}, not a checkpoint; pass a file written by torch.save: a "
+                        f"patchwise or DINO checkpoint, a DINO backbone or a timm ViT state dict")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
@@ -1289,6 +1383,8 @@ def read_weights(path, trust=False):
                         f"args that way); if you trust the file, add --trust_checkpoint") from None
 
 
+# The first bytes of JPEG, PNG, GIF, BMP, TIFF (both byte orders) and WebP (RIFF) files.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
 
 
@@ -1423,8 +1519,8 @@ def train(args):
     initial = None
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
         initial = knn("randomly initialised teacher")
-    if args.recipe:
-        log(args.recipe)
+    for note in args.notes:
+        log(note)
     log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
         f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
         f"process(es), {device.type}")
@@ -1594,6 +1690,8 @@ def evaluate(args):
     """--eval_only: k-NN of the teacher in output_dir/checkpoint.pth, or of --pretrained weights."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
+    for note in args.notes:
+        log(note)
     teacher = encoder_from_args(args)
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
     if args.pretrained:
@@ -1674,6 +1772,7 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
     per-patch colour augmentation; bottom row: per-view (DINO) for contrast.
     Returns the matched pairs [(student patch, teacher patch)], and the views' box and flip."""
     from PIL import ImageDraw
+    seed %= 2 ** 64  # numpy wants seeds >= 0
     rng = np.random.default_rng(seed)
     glob, local, box, flip = spatial_views(image.convert("RGB"), rng, global_size, local_size, 1)
     index, valid = match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3], local_size, patch_size)

@@ -649,13 +649,34 @@ def test_a_folder_of_small_images_gets_the_small_recipe_sized_to_the_device(tmp_
     cpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cpu"])
     # the demo's model and views, and the demo's number of samples over these 50 images
     assert (cpu.arch, cpu.patch_size, cpu.depth, cpu.global_size, cpu.local_size) == ("vit_tiny", 8, 4, 32, 16)
-    assert cpu.epochs == round(pw.CPU_SAMPLES / 50) and "26 px" in cpu.recipe
+    assert cpu.epochs == round(pw.CPU_SAMPLES / 50) and "26 px" in cpu.notes[0]
     gpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cuda"])
     assert gpu.epochs == 10 * cpu.epochs and gpu.global_size == 32
     big = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "large"), "--device", "cpu"])
     assert (big.arch, big.patch_size, big.global_size, big.epochs) == ("vit_small", 16, 224, 100)
     # a flag on the command line still wins over the recipe
     assert pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--epochs", "3"]).epochs == 3
+
+
+def test_in100_takes_exactly_the_cmc_classes_from_an_imagenet_root_or_a_prepared_folder(tmp_path, capsys):
+    assert len(set(pw.IMAGENET100_CLASSES)) == 100 and "n02869837" in pw.IMAGENET100_CLASSES
+    others = ["n01440764", "n01443537", "n09999999"]  # ImageNet-1K classes outside the subset
+    for root, names in (("in1k", list(pw.IMAGENET100_CLASSES) + others), ("in100", pw.IMAGENET100_CLASSES)):
+        for split in ("train", "val"):
+            for c in names:
+                os.makedirs(tmp_path / root / split / c)
+                Image.new("RGB", (8, 8)).save(tmp_path / root / split / c / "0.png")
+    for root in ("in1k", "in100"):
+        train, val, n = pw.build_datasets("in100", str(tmp_path / root))
+        assert n == 100 and train.classes == sorted(pw.IMAGENET100_CLASSES) == val.classes
+        assert sorted(y for _, y in train.samples) == list(range(100))
+        assert not any(o in path for path, _ in train.samples for o in others)
+    said = capsys.readouterr().out
+    assert "the 100 CMC classes of the 103" in said and "the prepared 100-class folder" in said
+    import shutil
+    shutil.rmtree(tmp_path / "in100" / "train" / "n02869837")
+    with pytest.raises(pw.UserError, match=r"1 of the 100 ImageNet-100 \(CMC\) classes are missing .*n02869837"):
+        pw.build_datasets("in100", str(tmp_path / "in100"))
 
 
 def test_corrupt_images_are_reported_replaced_and_counted_until_too_many(tmp_path, capsys):
@@ -879,6 +900,64 @@ def test_more_user_mistakes_are_named_with_their_fix(tmp_path):
 
 def _photo(w=120, h=90, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+# Among -1, 0 and nan, the values that are legal (each means something: off, none, no decay, ...);
+# every other one of them, for every numeric flag the parser has, must be refused in one line.
+LEGAL = {("seed", "-1"), ("seed", "0"), ("num_workers", "0"), ("max_bad_images", "0"), ("drop_path", "0"),
+         ("n_local", "0"), ("blur_sigma", "0"), ("patch_loss_weight", "0"), ("warmup_teacher_temp_epochs", "0"),
+         ("min_lr", "0"), ("warmup_epochs", "0"), ("weight_decay", "0"), ("weight_decay_end", "0"),
+         ("momentum_teacher", "0"), ("clip_grad", "0"), ("freeze_last_layer", "0"), ("ckpt_every", "0"),
+         ("knn_every", "0")}
+
+
+def test_every_numeric_flag_refuses_bad_values_in_one_line_naming_flag_and_value(capsys, tmp_path):
+    numeric = [a for a in pw.build_parser()._actions if a.type in (int, float)]
+    assert len(numeric) >= 34
+    for action in numeric:
+        flag, n = action.option_strings[0], action.nargs if isinstance(action.nargs, int) else 1
+        for value in ("-1", "0", "nan"):
+            argv = [flag] + [value] * n
+            if (action.dest, value) in LEGAL:
+                pw.check_args(pw.resolve_args(argv))
+                continue
+            with pytest.raises(SystemExit) as stop:
+                pw.main(argv)
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert stop.value.code == 2 and len(lines) == 1, (argv, lines)
+            assert flag in lines[0] and value in lines[0], (argv, lines)
+    for argv, words in ((["--global_scale", "0.9", "0.1"], "smaller value first"),
+                        (["--local_scale", "0.2", "1.5"], "(0, 1]"), (["--lr", "-1"], "a positive number")):
+        with pytest.raises(SystemExit):
+            pw.main(argv)
+        assert words in capsys.readouterr().err
+    # legal but odd: a negative seed trains
+    pw.main(TINY + ["--seed", "-1", "--epochs", "1", "--no_initial_knn", "--output_dir", str(tmp_path)])
+    assert math.isfinite(json.loads(open(tmp_path / "log.txt").read())["train_loss"])
+
+
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pth")
+    (tmp_path / "torn.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:600])
+    for name, words in (("photo.jpg", "is an image, not a checkpoint"), ("notes.txt", "is not a PyTorch file"),
+                        ("empty.pth", "is empty, not a checkpoint"), ("torn.pth", "truncated or not a checkpoint")):
+        r = _run(["patchwise.py"] + TINY + ["--eval_only", "--pretrained", str(tmp_path / name)], timeout=120)
+        _assert_one_line_error(r, words)
+        assert "--trust_checkpoint" not in r.stderr
+
+
+def test_data_workers_never_outnumber_the_cores_and_torch_does_not_warn(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    args = pw.resolve_args(["--num_workers", str(cores + 3)])
+    assert args.num_workers == cores and any(f"{cores + 3} data workers asked for" in n for n in args.notes)
+    assert pw.resolve_args(["--num_workers", "1"]).notes == []
+    r = _run(["patchwise.py"] + TINY + ["--epochs", "1", "--num_workers", str(cores + 3), "--output_dir",
+                                        str(tmp_path)], env={"PYTHONWARNINGS": "always"})
+    assert r.returncode == 0 and "data workers asked for" in r.stdout, r.stderr[-2000:]
+    assert "worker processes in total" not in r.stderr, r.stderr[-2000:]
 
 
 def test_show_matching_draws_exactly_the_valid_matches(tmp_path):

@@ -1356,8 +1356,6 @@ def save_checkpoint(state, path):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    if os.environ.get("PATCHWISE_TEST_SAVE_PAUSE"):  # lets a test kill the process mid-save
-        time.sleep(float(os.environ["PATCHWISE_TEST_SAVE_PAUSE"]))
     os.replace(tmp, path)
 
 

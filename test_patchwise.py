@@ -836,10 +836,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 
 
 def test_a_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path):
-    proc = subprocess.Popen([sys.executable, "patchwise.py"] + TINY +
+    # the run, with every rename of a finished temporary file made 2 s late: a window to kill it in
+    slow_rename = ("import os, sys, time, patchwise; replace = os.replace; "
+                   "os.replace = lambda a, b: (time.sleep(2), replace(a, b)); patchwise.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", slow_rename] + TINY +
                             ["--epochs", "3", "--ckpt_every", "2", "--no_initial_knn", "--output_dir", str(tmp_path)],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PATCHWISE_TEST_SAVE_PAUSE": "2"})
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt, tmp = tmp_path / "checkpoint.pth", tmp_path / "checkpoint.pth.tmp"
     import time
     deadline = time.time() + 120

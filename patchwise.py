@@ -251,6 +251,7 @@ def resolve_args(argv=None):
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
         preset, recipe = folder_preset(args.data_path, cuda)
         args.notes.append(recipe)
+    args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # on the command line
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
@@ -1854,13 +1855,17 @@ def run_tool(args):
             image = load_image(image_path)
         except UNREADABLE as e:
             raise UserError(f"cannot read the image {image_path} ({e})") from None
+        # A photo gets DINO's ImageNet geometry unless the command line says otherwise: the
+        # presets' 32 px views are for the demo's images. The model keeps its own patch size.
+        patch, glob, local = (getattr(args, k) if k in args.given else v
+                              for k, v in (("patch_size", 16), ("global_size", 224), ("local_size", 96)))
         if args.show_matching:
-            pairs, _, _ = show_matching(image, args.out, args.patch_size, args.global_size, args.local_size, args.seed)
-            gs, gt = args.local_size // args.patch_size, args.global_size // args.patch_size
+            pairs, _, _ = show_matching(image, args.out, patch, glob, local, args.seed)
+            gs, gt = local // patch, glob // patch
             print(f"{len(pairs)} of {gs * gs} student patches matched: " + ", ".join(
                 f"{divmod(n, gs)}->{divmod(t, gt)}" for n, t in pairs))
         else:
-            show_attention(image, args.out, backbone, args.global_size)
+            show_attention(image, args.out, backbone, glob)
         print(f"wrote {args.out}")
     if args.export_backbone:
         # DINO's released layout: the bare ViT state dict, loadable with strict=True by DINO's and timm's ViT.

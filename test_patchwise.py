@@ -980,6 +980,21 @@ def test_show_matching_draws_exactly_the_valid_matches(tmp_path):
             assert tuple(img[top + sr * p + p // 2, margin + sg + gap + sc * p]) == colour  # student's
 
 
+def test_pictures_of_a_photo_take_the_imagenet_geometry_unless_told_otherwise(tmp_path, monkeypatch):
+    _photo().save(tmp_path / "photo.png")
+    margin, gap = 8, 16
+    for flags, (sg, sl) in (([], (224, 96)), (["--global_size", "64", "--local_size", "32"], (64, 32))):
+        pw.main(["--show_matching", str(tmp_path / "photo.png"), "--out", str(tmp_path / "m.png")] + flags)
+        assert Image.open(tmp_path / "m.png").size == (2 * margin + sg + gap + sl, 2 * margin + 2 * sg + gap)
+    torch.save({"teacher": pw.encoder_from_args(pw.resolve_args([])).state_dict()}, tmp_path / "demo.pth")
+    drawn, show_attention = [], pw.show_attention
+    monkeypatch.setattr(pw, "show_attention", lambda image, out, backbone, size: drawn.append(
+        (size, backbone.patch_size, show_attention(image, out, backbone, size).shape)))
+    pw.main(["--show_attention", str(tmp_path / "photo.png"), "--out", str(tmp_path / "a.png"),
+             "--pretrained", str(tmp_path / "demo.pth")])
+    assert drawn == [(224, 8, (3, 1 + 28 * 28))]  # the photo at 224 px through the demo's patch-8 ViT
+
+
 def test_show_attention_draws_a_distribution_per_head(tmp_path):
     backbone = pw.vit_tiny(patch_size=8, depth=2, img_size=32)
     attn = pw.show_attention(_photo(), tmp_path / "a.png", backbone, size=32)

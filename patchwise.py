@@ -38,17 +38,37 @@ from PIL import Image
 # Each --data value selects a preset; any flag given on the command line overrides it. Flags not
 # in a preset take DEFAULTS, which are DINO's (main_dino.py) unless a comment says otherwise.
 DEFAULTS = dict(
-    arch="vit_small", patch_size=16, depth=None,  # depth None: the architecture's own (12)
-    drop_path=0.1,
+    arch="vit_small",  # DINO's ViT-S: its 100-epoch ImageNet numbers are the reference (METHOD 8)
+    patch_size=16,  # DINO's ViT-S/16
+    depth=None,  # None: the architecture's own, 12 blocks
+    drop_path=0.1,  # DINO's stochastic depth for ViT-S
     out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
-    head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
-    global_size=224, local_size=96, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
-    blur_sigma=(0.1, 2.0),
-    batch_size=512,  # global, over all ranks
-    epochs=100, lr=5e-4, min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
-    momentum_teacher=0.996, clip_grad=3.0, freeze_last_layer=1,
-    teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-    num_workers=10, knn_every=0, knn_k=(10, 20, 100, 200), log_every=50,
+    head_hidden_dim=2048,  # DINO's head
+    bottleneck_dim=256,  # DINO's head
+    norm_last_layer=True,  # DINO: a frozen norm keeps ViT-S stable
+    global_size=224,  # DINO's 2 global views
+    local_size=96,  # DINO's local views
+    n_local=8,  # DINO's 8 local views for its 100-epoch ViT-S runs
+    global_scale=(0.4, 1.0),  # DINO's RandomResizedCrop areas
+    local_scale=(0.05, 0.4),
+    blur_sigma=(0.1, 2.0),  # DINO's (torchvision's) Gaussian blur, set for 224 px views
+    batch_size=512,  # global, over all ranks; DINO's ViT-S/16 runs used 1024 on 16 GPUs
+    epochs=100,  # DINO's shortest ViT-S schedule
+    lr=5e-4,  # per 256 images, scaled linearly with the batch (DINO)
+    min_lr=1e-6,  # end of DINO's cosine
+    warmup_epochs=10,  # DINO's linear warm-up
+    weight_decay=0.04,  # DINO's cosine weight decay, 0.04 -> 0.4
+    weight_decay_end=0.4,
+    momentum_teacher=0.996,  # DINO's, raised to 1 by a cosine
+    clip_grad=3.0,  # DINO's per-parameter clip
+    freeze_last_layer=1,  # DINO: the head's last layer fixed for the first epoch
+    teacher_temp=0.04,  # DINO's for ViT-S; above 0.07 it becomes unstable
+    warmup_teacher_temp=0.04,
+    warmup_teacher_temp_epochs=0,  # no temperature warm-up when both are 0.04
+    num_workers=10,  # DINO's per GPU; capped at the cores each process may use
+    knn_every=0,  # k-NN only at the end: on ImageNet a k-NN pass costs minutes
+    knn_k=(10, 20, 100, 200),  # DINO's k values; 20 is the headline
+    log_every=50,
 )
 PRESETS = {
     # The CPU demo, sized to finish in about 3 minutes on 2 cores (measured: 178 s). A 12-block
@@ -62,16 +82,15 @@ PRESETS = {
     "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
                       n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
-                      momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, knn_every=0,
-                      log_every=40, knn_k=(10, 20, 100, 200)),
+                      momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, log_every=40),
     # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid. Not the paper's public code, which
     # upsamples CIFAR-10 to 224/96 px for a ViT-tiny/16 with K = 1000. Not yet measured on a GPU.
-    "cifar10": dict(arch="vit_small", patch_size=4, global_size=32, local_size=16, n_local=8,
-                    out_dim=4096, batch_size=512, epochs=300, knn_every=20, num_workers=8),
+    "cifar10": dict(patch_size=4, global_size=32, local_size=16,
+                    out_dim=4096, epochs=300, knn_every=20, num_workers=8),
     # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
     "in100": dict(epochs=300, knn_every=20),
-    "in1k": dict(epochs=100, knn_every=0),
-    "folder": dict(epochs=100, knn_every=10),
+    "in1k": dict(),
+    "folder": dict(knn_every=10),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
 # ImageFolder's image extensions
@@ -127,15 +146,34 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the real default of a flag whose value comes from DEFAULTS, and each preset's
+    value where it differs (the flag's argparse default is None: unset, so the preset can fill it)."""
+
+    def _get_help_string(self, action):
+        if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
+            return action.help if action.default is None else super()._get_help_string(action)
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+        value = DEFAULTS[action.dest]
+        value = "12, the architecture's own" if value is None else value  # --depth
+        presets = [f"{name} {show(p[action.dest])}" for name, p in PRESETS.items()
+                   if p.get(action.dest, value) != value]
+        text = f"default: {show(value)}" + (f"; presets: {', '.join(presets)}" if presets else "")
+        return f"{action.help} ({text})".replace("%", "%%")
+
+
 def build_parser():
     p = Parser(
         description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patch level).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="synthetic", choices=list(PRESETS),
-                   help="Dataset and preset. synthetic: a 10-class shape set made in memory (the CPU "
-                        "demo); cifar10: torchvision CIFAR-10 under --data_path; in100, in1k, folder: "
-                        "an ImageFolder with train/ and val/ under --data_path.")
+                   help="Dataset and preset. synthetic: a 10-class shape set made in memory (the "
+                        "CPU demo); cifar10: torchvision CIFAR-10 under --data_path; in100, in1k, "
+                        "folder: an ImageFolder with train/ and val/ under --data_path (in100: "
+                        "CMC's 100 classes of it). folder picks its recipe from the images: up to "
+                        f"{SMALL_SIDE} px, the synthetic preset's model and views, for "
+                        f"{CPU_SAMPLES} training samples on a CPU and ten times that on a GPU.")
     d.add_argument("--data_path", default="data", help="Root of the dataset.")
     d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
     d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
@@ -151,8 +189,7 @@ def build_parser():
     m.add_argument("--patch_size", type=int, default=None, choices=(4, 8, 16),
                    help="ViT patch side in pixels; also the tile of the per-patch augmentation.")
     m.add_argument("--depth", type=int, default=None,
-                   help="Number of transformer blocks (default: 12, the architecture's own). Fewer "
-                        "make a fast CPU demo.")
+                   help="Number of transformer blocks. Fewer make a fast CPU demo.")
     m.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the student.")
     m.add_argument("--out_dim", type=int, default=None,
                    help="K, the head's output size. The head runs on the matched patch tokens, so K costs "

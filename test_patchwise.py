@@ -783,6 +783,20 @@ def test_user_mistakes_end_with_one_line_and_no_traceback(tmp_path):
         _assert_one_line_error(_run(["patchwise.py"] + args, timeout=120), words)
 
 
+def test_help_shows_every_real_default_and_each_presets_value():
+    parser = pw.build_parser()
+    assert "default: None" not in parser.format_help()
+    actions = {a.dest: a for a in parser._actions}
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+    for key, value in pw.DEFAULTS.items():
+        text = pw.HelpFormatter("patchwise.py")._get_help_string(actions[key]) % {}
+        assert f"(default: {show(value) if value is not None else 12}" in text, (key, text)
+        for name, preset in pw.PRESETS.items():
+            if key in preset:
+                assert preset[key] != value, f"preset {name} repeats the default of {key}"
+                assert f"{name} {show(preset[key])}" in text, (key, name, text)
+
+
 def test_every_runs_sh_command_is_accepted_by_the_parser():
     r = subprocess.run(["bash", "runs.sh", "--dry-run"], cwd=HERE, capture_output=True, text=True, check=True)
     commands = r.stdout.strip().splitlines()

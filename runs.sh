@@ -7,7 +7,8 @@
 #   bash runs.sh cifar10 in100        # run some of them
 #
 # Set through the environment:
-#   DATA_ROOT   holds cifar10/, imagenet100/{train,val}, imagenet/{train,val}   (default: data)
+#   DATA_ROOT   holds cifar10/ and imagenet/{train,val}; ImageNet-100 is CMC's 100 classes of
+#               imagenet/, read in place                                        (default: data)
 #   OUT         where each run writes its checkpoint.pth and log.txt            (default: runs)
 #   NGPUS       GPUs per node                                                   (default: 8)
 #   NNODES      nodes; above 1 also set NODE_RANK and RDZV_ENDPOINT=host:port on every node
@@ -37,7 +38,7 @@ run() {
 for exp in "${EXPERIMENTS[@]}"; do
   case "$exp" in
     cifar10) data=(--data cifar10 --data_path "$DATA_ROOT/cifar10" --download) ;;
-    in100)   data=(--data in100 --data_path "$DATA_ROOT/imagenet100") ;;
+    in100)   data=(--data in100 --data_path "$DATA_ROOT/imagenet") ;;
     in1k)    data=(--data in1k --data_path "$DATA_ROOT/imagenet") ;;
     *) echo "runs.sh: unknown experiment '$exp'; choose from cifar10 in100 in1k" >&2; exit 2 ;;
   esac

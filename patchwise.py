@@ -16,7 +16,7 @@ values, so it can be copied alone into another project.
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
 
-Measured on a 2-core x86_64 VM (AMD EPYC), no GPU, torch 2.14.1: the demo runs in 163-183 s and
+Measured on a 2-core x86_64 VM (AMD EPYC), no GPU, torch 2.14.1: the demo runs in 163-185 s and
 lifts the teacher's k-NN top-1 (k=20) from 47.9% to 60.9% (3 seeds). GPU runs: not measured yet.
 """
 import argparse

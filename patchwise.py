@@ -96,8 +96,6 @@ PRESETS = {
     "folder": dict(knn_every=10),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
-# ImageFolder's image extensions
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # --data folder fits its recipe to the images. Small ones (median short side up to SMALL_SIDE px:
 # digits, icons, CIFAR-sized crops) get the demo's model and 32/16 px views, since the ImageNet
 # recipe would upsample them 7x into a ViT-S/16; on a CPU they train for the demo's number of
@@ -112,12 +110,13 @@ def folder_preset(data_path, cuda):
     """The preset for --data folder: PRESETS['folder'], or for small images the demo's, with its
     epochs set from the training set's size (CPU_SAMPLES samples on a CPU, ten times as many on a
     GPU). Returns (preset, a line saying which)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
     root = os.path.join(data_path, "train")
     classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
 
     def images(folder):
         return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
-                      if f.lower().endswith(IMAGE_EXTENSIONS))
+                      if f.lower().endswith(IMG_EXTENSIONS))
     sides = []
     for folder in classes[::max(1, len(classes) // 16)][:16]:  # a few headers from a few classes
         for path in images(folder)[:2]:
@@ -152,7 +151,8 @@ class Parser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows the real default of a flag whose value comes from DEFAULTS, and each preset's
-    value where it differs (the flag's argparse default is None: unset, so the preset can fill it)."""
+    value where it differs (the flag's argparse default is None, unset, so the preset can fill
+    it)."""
 
     def _get_help_string(self, action):
         if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
@@ -292,7 +292,7 @@ def resolve_args(argv=None):
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
         preset, recipe = folder_preset(args.data_path, cuda)
         args.notes.append(recipe)
-    args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # on the command line
+    args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # by the user
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
@@ -1109,12 +1109,12 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
     classes = None  # every sub-folder is a class
     if data == "in100":
         classes = sorted(IMAGENET100_CLASSES)
-        present = set(os.listdir(os.path.join(data_path, "train"))) if os.path.isdir(
-            os.path.join(data_path, "train")) else set()
+        train = os.path.join(data_path, "train")
+        present = set(os.listdir(train)) if os.path.isdir(train) else set()
         missing = [c for c in classes if c not in present]
         if missing:
             raise UserError(f"--data in100: {len(missing)} of the 100 ImageNet-100 (CMC) classes "
-                            f"are missing from {os.path.join(data_path, 'train')}, such as "
+                            f"are missing from {train}, such as "
                             f"{', '.join(missing[:3])}; point --data_path at the ImageNet-1K root "
                             f"or at a folder of exactly those classes")
         if int(os.environ.get("RANK", 0)) == 0:
@@ -1467,10 +1467,10 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
     flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
     if flat_loss or entropy_cls[0] >= 0.99 * ln_k:
         return "uniform", (
-            f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their entropy "
-            f"within 1% of ln K = {ln_k:.3f} for a whole epoch): the image level learns nothing (the "
-            f"patch level may still); DINO's remedies are a lower --teacher_temp or --out_dim; "
-            f"README, 'Collapse', says what was measured")
+            f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their "
+            f"entropy within 1% of ln K = {ln_k:.3f} for a whole epoch): the image level learns "
+            f"nothing (the patch level may still); DINO's remedies are a lower --teacher_temp or "
+            f"--out_dim; README, 'Collapse', says what was measured")
     if entropy_cls[1] < math.log(2):
         return "one dimension", (
             f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
@@ -1898,8 +1898,8 @@ def run_tool(args):
             raise UserError(f"cannot read the image {image_path} ({e})") from None
         # A photo gets DINO's ImageNet geometry unless the command line says otherwise: the
         # presets' 32 px views are for the demo's images. The model keeps its own patch size.
-        patch, glob, local = (getattr(args, k) if k in args.given else v
-                              for k, v in (("patch_size", 16), ("global_size", 224), ("local_size", 96)))
+        imagenet = (("patch_size", 16), ("global_size", 224), ("local_size", 96))
+        patch, glob, local = (getattr(args, k) if k in args.given else v for k, v in imagenet)
         if args.show_matching:
             pairs, _, _ = show_matching(image, args.out, patch, glob, local, args.seed)
             gs, gt = local // patch, glob // patch

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark of patchwise: what the patch level costs over DINO, measured side by side in one run.
 
-    python bench_patchwise.py                 # CPU: ViT-tiny at 32/16 px, a few minutes
+    python bench_patchwise.py                 # CPU: ViT-tiny at 32/16 px, under 1.5 minutes on 2 cores
     python bench_patchwise.py --device cuda   # GPU: ViT-S/16 and ViT-B/16 at 224/96, K = 8192
 
 Prints a table and writes it as JSON (--out). Every time is a median over --repeats runs after
-warm-up, the compared variants timed in turn. Sections:
+warm-up, the compared variants timed in turn; more repeats give steadier medians. Each section
+announces itself before it runs and says how long it took. Sections:
   1. data workers: images/s of one process producing one training sample from an ImageNet-size
      JPEG, against a DINO-style PIL pipeline (colour work included) on the same file;
   2. training step (teacher + student forward, loss, backward, AdamW, EMA) on a batch already on
@@ -262,11 +263,20 @@ def bench_matching(device, batch, global_size, local_size, patch, dim, n_local, 
     return {"coords_ms": 1e3 * t_coords, "similarity_ms": 1e3 * t_sim, "similarity_over_coords": t_sim / t_coords}
 
 
+def section(title):
+    """Print a section's heading before its work starts, so a slow machine shows where it is;
+    returns a function that prints how long the section took."""
+    print(f"\n{title}", flush=True)
+    start = time.perf_counter()
+    return lambda: print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--step_memory_child", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="Timed rounds of each measurement; more give steadier medians and take longer.")
     p.add_argument("--gpu_batch", type=int, default=128, help="Per-step batch of the GPU configurations.")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()
@@ -274,14 +284,16 @@ def main():
         return step_memory_child(args.step_memory_child[0], int(args.step_memory_child[1]))
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    begin = time.perf_counter()
     report = {"device": name, "torch": torch.__version__}
     print(f"device: {name}, torch {torch.__version__}")
 
+    done = section("1. data worker, one process, 2x224 + 8x96 views from a 500x375 JPEG:")
     w = bench_workers(args.repeats)
     report["workers"] = w
-    print(f"\n1. data worker, one process, 2x224 + 8x96 views from a 500x375 JPEG:\n"
-          f"   patchwise {w['ours_img_s']:.1f} img/s, DINO-style PIL pipeline {w['dino_reference_img_s']:.1f} img/s "
-          f"({w['speedup']:.2f}x)")
+    print(f"   patchwise {w['ours_img_s']:.1f} img/s, DINO-style PIL pipeline {w['dino_reference_img_s']:.1f} "
+          f"img/s ({w['speedup']:.2f}x)")
+    done()
 
     if device.type == "cuda":
         configs = [("vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), args.gpu_batch),
@@ -291,9 +303,9 @@ def main():
     report["steps"] = {}
     for arch, depth, patch, sg, sl, nl, K, head, batch in configs:
         key = f"{arch}/{patch} {sg}/{sl}x{nl} K={K} batch {batch}"
+        done = section(f"2. training step, {key}:")
         r = bench_step(device, arch, depth, patch, sg, sl, nl, K, head, batch, args.repeats)
         report["steps"][key] = r
-        print(f"\n2. training step, {key}:")
         print(f"   {'':18} {'step ms':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6} {'time/DINO':>10} {'FLOPs/DINO':>11} "
               f"{'mem/DINO':>9} {'head tokens/img (student, teacher)':>36}")
         for n, v in r.items():
@@ -307,25 +319,30 @@ def main():
                 print(f"   {n}: host syncs in one step: {', '.join(v['host_syncs']) or 'none'}")
         print(f"   keeping one such step fed takes {r['pwself']['img_s'] / w['ours_img_s']:.1f} worker processes "
               f"({r['pwself']['img_s']:.0f} img/s / {w['ours_img_s']:.1f} per worker)")
+        done()
 
     if device.type == "cpu" and platform.system() == "Linux":
+        done = section("2b. peak memory of a ViT-S/16 step, 224/96x8 K=8192, bf16 autocast, batch 8, as process "
+                       "RSS on this CPU:")
         mem = bench_step_memory()
         report["cpu_step_memory"] = mem
         d, p = mem["dino"], mem["pwself"]
-        print(f"\n2b. peak memory of a ViT-S/16 step, 224/96x8 K=8192, bf16 autocast, batch 8, as process RSS on this CPU:\n"
-              f"   DINO {d['peak_mib']:.0f} MiB, PW-Self {p['peak_mib']:.0f} MiB ({p['peak_mib'] / d['peak_mib']:.2f}x); "
+        print(f"   DINO {d['peak_mib']:.0f} MiB, PW-Self {p['peak_mib']:.0f} MiB ({p['peak_mib'] / d['peak_mib']:.2f}x); "
               f"over the process before the first step: DINO +{d['peak_mib'] - d['before_mib']:.0f} MiB, "
               f"PW-Self +{p['peak_mib'] - p['before_mib']:.0f} MiB "
               f"({(p['peak_mib'] - p['before_mib']) / (d['peak_mib'] - d['before_mib']):.2f}x)")
+        done()
 
+    done = section("3. matching, all 18 view pairs of a step at ViT-S/16 sizes (batch 64, 224/96 px, 8 locals, "
+                   "D 384):")
     m = bench_matching(device, 64, 224, 96, 16, 384, 8, args.repeats * 4)
     report["matching"] = m
-    print(f"\n3. matching, all 18 view pairs of a step at ViT-S/16 sizes (batch 64, 224/96 px, 8 locals, D 384):\n"
-          f"   match_patches {m['coords_ms']:.3f} ms, similarity {m['similarity_ms']:.3f} ms "
+    print(f"   match_patches {m['coords_ms']:.3f} ms, similarity {m['similarity_ms']:.3f} ms "
           f"({m['similarity_over_coords']:.0f}x)")
+    done()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} ({time.perf_counter() - begin:.0f} s in all)")
 
 
 if __name__ == "__main__":

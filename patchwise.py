@@ -71,6 +71,8 @@ DEFAULTS = dict(
     num_workers=10,  # DINO's per GPU; capped at the cores each process may use
     knn_every=0,  # k-NN only at the end: on ImageNet a k-NN pass costs minutes
     knn_k=(10, 20, 100, 200),  # DINO's k values; 20 is the headline
+    linear_every=0,  # the linear probe only at the end, as the k-NN
+    linear_epochs=30,  # passes over the cached features (the demo: 100 gain 2 points in 3x the time)
     log_every=50,
 )
 PRESETS = {
@@ -96,6 +98,8 @@ PRESETS = {
     "folder": dict(knn_every=10),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
+# The linear probe's sweep: SGD learning rates on standardised features, and L2 penalties wd/2 |W|^2.
+LINEAR_LRS, LINEAR_WDS = (1e-3, 1e-2, 1e-1, 1.0), (0.0, 1e-3, 1e-2)
 # --data folder fits its recipe to the images. Small ones (median short side up to SMALL_SIDE px:
 # digits, icons, CIFAR-sized crops) get the demo's model and 32/16 px views, since the ImageNet
 # recipe would upsample them 7x into a ViT-S/16; on a CPU they train for the demo's number of
@@ -250,9 +254,18 @@ def build_parser():
     r.add_argument("--log_every", type=int, default=None, help="Console log period in iterations.")
     r.add_argument("--knn_every", type=int, default=None, help="Run k-NN every N epochs (0: only at the end).")
     r.add_argument("--knn_k", type=int, nargs="+", default=None, help="k values of the k-NN report; 20 is the headline.")
-    r.add_argument("--eval_only", action="store_true", help="Only run k-NN on the checkpoint in output_dir (or --pretrained).")
+    r.add_argument("--linear_every", type=int, default=None,
+                   help="Run the linear probe every N epochs (0: only at the end).")
+    r.add_argument("--linear_epochs", type=int, default=None,
+                   help="Linear probe (0: none): DINO's features of the frozen teacher (the CLS tokens of "
+                        "the last 4 blocks; ViT-B: the last block's CLS and mean patch token), extracted "
+                        "once from centre crops; a linear layer trained on them for this many epochs with "
+                        f"each lr of {LINEAR_LRS} and wd of {LINEAR_WDS}, the pair chosen on held-out "
+                        "training images.")
+    r.add_argument("--eval_only", action="store_true",
+                   help="Only evaluate (k-NN and linear probe) the checkpoint in output_dir (or --pretrained).")
     r.add_argument("--no_initial_knn", action="store_true",
-                   help="Skip the k-NN of the randomly initialised teacher before training.")
+                   help="Skip the k-NN and linear probe of the randomly initialised teacher before training.")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the student and teacher for the training step (first steps are slow "
@@ -326,7 +339,7 @@ RANGES = dict(
     warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE, weight_decay_end=NON_NEGATIVE,
     momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"), clip_grad=NON_NEGATIVE,
     freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE, log_every=POSITIVE,
-    knn_every=NON_NEGATIVE, knn_k=POSITIVE,
+    knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_every=NON_NEGATIVE, linear_epochs=NON_NEGATIVE,
 )
 
 
@@ -473,10 +486,18 @@ class VisionTransformer(nn.Module):
         return x + pos
 
     def forward(self, x):
+        return self.get_intermediate_layers(x)[0]  # (B, 1 + N, D)
+
+    def get_intermediate_layers(self, x, n=1):
+        """The last n blocks' outputs after the final norm, n x (B, 1 + N, D), as DINO's linear
+        evaluation reads them."""
         x = self.prepare_tokens(x)
-        for block in self.blocks:
+        outputs = []
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.norm(x)  # (B, 1 + N, D)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
 
     def get_last_selfattention(self, x):
         """Attention weights of the last block, (B, heads, 1 + N, 1 + N), each row summing to 1."""
@@ -1551,16 +1572,14 @@ def train(args):
 
     eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
 
-    def knn(label):
-        results = evaluate_knn(teacher.backbone, *eval_sets, args.knn_k, device, args.batch_size // world,
-                               args.num_workers, num_classes, amp_dtype, log)
-        log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% "
-                                                 f"top-5 {results[f'knn_top5_k{k}']:.2f}%" for k in args.knn_k))
-        return results
+    def evaluation(label, linear):
+        return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label, args.knn_k,
+                                 args.linear_epochs if linear else 0, local_batch, args.num_workers, amp_dtype,
+                                 args.seed, log)
 
     initial = None
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
-        initial = knn("randomly initialised teacher")
+        initial = evaluation("randomly initialised teacher", True)
     for note in args.notes:
         log(note)
     log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
@@ -1641,15 +1660,18 @@ def train(args):
                      ln_K=math.log(args.out_dim), bad_images=bad_images,
                      train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), epoch=epoch)
         last = epoch + 1 == args.epochs
-        if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
-            results = knn("trained teacher" if last else f"teacher after epoch {epoch + 1}")
+        knn = last or (args.knn_every and (epoch + 1) % args.knn_every == 0)
+        linear = last or (args.linear_every and (epoch + 1) % args.linear_every == 0)
+        if knn or linear:
+            results = evaluation("trained teacher" if last else f"teacher after epoch {epoch + 1}", linear)
             stats.update(results)
         if rank == 0:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(stats) + "\n")
     if initial and results:
-        log(f"k-NN top-1 (k=20): randomly initialised teacher {initial.get('knn_top1_k20', float('nan')):.2f}%, "
-            f"trained teacher {results.get('knn_top1_k20', float('nan')):.2f}%")
+        log("randomly initialised -> trained teacher: " + ", ".join(
+            f"{name} top-1 {initial[key]:.2f}% -> {results[key]:.2f}%"
+            for name, key in (("k-NN (k=20)", "knn_top1_k20"), ("linear", "linear_top1")) if key in results))
     return results
 
 
@@ -1682,54 +1704,165 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None):
-    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`. Each rank
-    extracts its share; the shares are gathered so that every rank ends with all of them."""
+def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
+                     linear=None):
+    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`; with
+    linear = (n_last_blocks, avgpool), also the linear probe's features (N, F) in float16
+    (linear_features), from the same forward passes. Each rank extracts its share; the shares are
+    gathered so that every rank ends with all of them, in the dataset's order."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                          generator=torch.Generator())  # leaves the global RNG to drop path
     was_training = backbone.training
     backbone.eval()
-    feats, labels, index = [], [], []
+    out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
     start = last_report = time.time()
     for b, (x, y, idx) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            f = backbone(normalize(x.to(device, non_blocking=True).float() / 255))[:, 0]  # (B, D) CLS
-        feats.append(F.normalize(f.float(), dim=1))
-        labels.append(y.to(device))
-        index.append(idx.to(device))
+            blocks = backbone.get_intermediate_layers(normalize(x.to(device, non_blocking=True).float() / 255),
+                                                      linear[0] if linear else 1)  # n x (B, 1 + N, D)
+        out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
+        out[1].append(y.to(device))
+        out[2].append(idx.to(device))
+        if linear:
+            out[3].append(linear_features(blocks, linear[1]).half())
         if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
             last_report = time.time()
             log(f"  features {b + 1}/{len(loader)} batches, ETA "
                 f"{format_time((last_report - start) / (b + 1) * (len(loader) - b - 1))}", flush=True)
     backbone.train(was_training)
-    feats, labels, index = torch.cat(feats), torch.cat(labels), torch.cat(index)
+    out = [torch.cat(t) for t in out if t]
     if world > 1:  # DistributedSampler pads, so every rank holds the same count
-        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (feats, labels, index)]
-        for out, t in zip(gathered, (feats, labels, index)):
-            dist.all_gather(out, t)
-        feats, labels, index = (torch.cat(g) for g in gathered)
-    all_feats = torch.empty(len(dataset), feats.shape[1], device=device)
-    all_labels = torch.empty(len(dataset), dtype=torch.long, device=device)
-    all_feats[index], all_labels[index] = feats, labels
-    return all_feats, all_labels
+        for i, t in enumerate(out):
+            gathered = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(gathered, t)
+            out[i] = torch.cat(gathered)
+    index = out.pop(2)
+    ordered = [torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in out]
+    for dst, src in zip(ordered, out):
+        dst[index] = src  # the padding repeats indices with the same rows
+    return ordered[0], ordered[1], (ordered[2] if linear else None)
 
 
-def evaluate_knn(backbone, train_set, val_set, ks, device, batch_size=256, num_workers=0, num_classes=None,
-                 amp_dtype=None, log=None):
-    """k-NN accuracy of a backbone's CLS features for each k: {'knn_top1_k20': ..., 'knn_top5_k20': ...}."""
-    train_f, train_y = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype, log)
-    val_f, val_y = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log)
+def linear_features(blocks, avgpool):
+    """DINO's linear-evaluation features from the last blocks' normed tokens, n x (B, 1 + N, D):
+    their CLS tokens concatenated, and with avgpool the last block's mean patch token after them.
+    DINO uses the last 4 blocks for ViT-S and smaller, the last block with avgpool for ViT-B."""
+    feats = [t[:, 0] for t in blocks] + ([blocks[-1][:, 1:].mean(dim=1)] if avgpool else [])
+    return torch.cat(feats, dim=1)  # (B, n D) or (B, 2 D)
+
+
+def linear_protocol(backbone):
+    """(n_last_blocks, avgpool) of DINO's eval_linear for this backbone's width."""
+    return (1, True) if backbone.embed_dim >= 768 else (4, False)
+
+
+@torch.no_grad()
+def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
+    """Multinomial logistic regressions on features x (N, F), one per (lr, wd) pair, all trained at
+    once on the same batches: SGD with momentum 0.9 and a cosine learning rate, as DINO's
+    eval_linear, on features standardised by their mean and deviation (which a linear layer can
+    undo, so it changes the conditioning only). The gradient of the mean cross-entropy is written
+    out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
+    Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
+    N, P, device = len(x), len(lrs), x.device
+    chunks = lambda: (x[i:i + 65536].float() for i in range(0, N, 65536))  # noqa: E731 no float32 copy of x
+    mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
+    std = (sum(((c - mean) ** 2).sum(dim=0) for c in chunks()) / N).sqrt().clamp_min(1e-6)
+    lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(P, 1, 1)
+    wd = torch.tensor(wds, dtype=torch.float32, device=device).view(P, 1, 1)
+    W = torch.zeros(P, x.shape[1], num_classes, device=device)
+    b = torch.zeros(P, 1, num_classes, device=device)
+    vW, vb = torch.zeros_like(W), torch.zeros_like(b)
+    gen = torch.Generator().manual_seed(seed)
+    steps, step = epochs * math.ceil(N / batch_size), 0
+    start = last_report = time.time()
+    for _ in range(epochs):
+        order = torch.randperm(N, generator=gen).to(device)
+        for i in range(0, N, batch_size):
+            idx = order[i:i + batch_size]
+            xb = (x[idx].float() - mean) / std  # (B, F)
+            g = torch.softmax(xb @ W + b, dim=-1)  # (P, B, C)
+            g[:, torch.arange(len(idx), device=device), y[idx]] -= 1
+            g /= len(idx)  # d(mean cross-entropy) / d logits
+            vW.mul_(0.9).add_(xb.T @ g + wd * W)  # (P, F, C)
+            vb.mul_(0.9).add_(g.sum(dim=1, keepdim=True))
+            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            W -= step_lr * vW
+            b -= step_lr * vb
+            step += 1
+            if log and time.time() - last_report > 30:
+                last_report = time.time()
+                log(f"  linear probe {step}/{steps} steps, ETA "
+                    f"{format_time((last_report - start) / step * (steps - step))}", flush=True)
+    W = W / std.view(1, -1, 1)  # fold the standardisation into the layer
+    return W, b - (mean @ W).unsqueeze(1)  # (P, F, C), (P, 1, C)
+
+
+@torch.no_grad()
+def linear_accuracy(x, y, W, b):
+    """Top-1 and top-5 accuracy in percent, (P,) each, of every classifier of a stack (W, b) on
+    features x (N, F); a classifier whose weights went non-finite scores -1."""
+    top1 = torch.zeros(len(W), device=x.device)
+    top5 = torch.zeros(len(W), device=x.device)
+    for i in range(0, len(x), 16384):
+        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices  # (P, c, 5)
+        hit = pred == y[i:i + 16384].view(1, -1, 1)
+        top1 += hit[..., 0].sum(dim=1)
+        top5 += hit.any(dim=-1).sum(dim=1)
+    finite = W.isfinite().flatten(1).all(dim=1) & b.isfinite().flatten(1).all(dim=1)
+    return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS, wds=LINEAR_WDS,
+                 holdout=0.1, max_sweep=100_000, seed=0, log=None):
+    """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
+    a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
+    best held-out top-1 is refitted on all training features, and its val accuracy is reported.
+    Only training images choose the pair. Returns {'linear_top1', 'linear_top5', 'linear_lr',
+    'linear_wd'}."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
+    n_held = min(max(1, int(holdout * len(train_x))), 10_000)
+    held, fit = order[:n_held], order[n_held:n_held + max_sweep]
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid), epochs, seed=seed, log=log)
+    lr, wd = grid[int(linear_accuracy(train_x[held], train_y[held], W, b)[0].argmax())]
+    W, b = train_linear(train_x, train_y, num_classes, [lr], [wd], epochs, seed=seed, log=log)
+    top1, top5 = linear_accuracy(val_x, val_y, W, b)
+    return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
+
+
+def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,), linear_epochs=30,
+                      batch_size=256, num_workers=0, amp_dtype=None, seed=0, log=print):
+    """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
+    EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
+    'linear_top1': ...}."""
+    protocol = linear_protocol(backbone) if linear_epochs else None
+    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype,
+                                                 log, protocol)
+    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log,
+                                           protocol)
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     results = {}
     for k in ks:
         results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = knn_classify(train_f, train_y, val_f, val_y, k,
                                                                             num_classes=num_classes)
+    log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 "
+                                             f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks), flush=True)
+    if linear_epochs:
+        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs, seed=seed,
+                                    log=log))
+        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr {results['linear_lr']:g} and wd "
+            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
+            f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
     return results
 
 
 def evaluate(args):
-    """--eval_only: k-NN of the teacher in output_dir/checkpoint.pth, or of --pretrained weights."""
+    """--eval_only: k-NN and linear probe of the teacher in output_dir/checkpoint.pth, or of
+    --pretrained weights."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     for note in args.notes:
@@ -1748,11 +1881,10 @@ def evaluate(args):
     teacher = teacher.to(device)
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = evaluate_knn(teacher.backbone, EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size),
-                           args.knn_k, device, max(1, args.batch_size // world), args.num_workers, num_classes, amp_dtype, log)
-    log("k-NN of the teacher in " + path + ": " + "  ".join(
-        f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 {results[f'knn_top5_k{k}']:.2f}%" for k in args.knn_k))
-    return results
+    return evaluate_backbone(teacher.backbone, EvalDataset(train_base, args.global_size),
+                             EvalDataset(val_base, args.global_size), num_classes, device,
+                             f"teacher in {path}", args.knn_k, args.linear_epochs,
+                             max(1, args.batch_size // world), args.num_workers, amp_dtype, args.seed, log)
 
 
 # ------------------------------------------------------------------------------------------------

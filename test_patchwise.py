@@ -597,17 +597,99 @@ def test_knn_classify_matches_dinos_weighted_vote():
     assert pw.knn_classify(centres[train_y], train_y, centres[test_y], test_y)[0] == 100.0
 
 
+def _gaussian_classes(n, C, D, spread, seed, offset=3.0):
+    """n features (n, D) in float16 around C class means, with a constant offset and unequal scales
+    per dimension, as backbone features have; labels (n,)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(C, D, generator=torch.Generator().manual_seed(123))
+    y = torch.randint(0, C, (n,), generator=g)
+    scale = torch.linspace(0.2, 5.0, D)
+    return ((means[y] + spread * torch.randn(n, D, generator=g)) * scale + offset).half(), y
+
+
+def _logistic_reference(x, y, C, wd, val_x):
+    """Full-batch L-BFGS multinomial logistic regression on standardised features with the penalty
+    wd / 2 |W|^2, fitted to convergence; predicted classes of val_x."""
+    x, val_x = x.double(), val_x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    z = (x - mean) / std
+    W = torch.zeros(x.shape[1], C, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W + b, y) + wd / 2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return (((val_x - mean) / std) @ W + b).argmax(1)
+
+
+def test_linear_probe_separates_separable_features_and_agrees_with_lbfgs():
+    x, y = _gaussian_classes(600, 5, 32, 0.05, seed=0)
+    vx, vy = _gaussian_classes(300, 5, 32, 0.05, seed=1)
+    assert pw.linear_probe(x, y, vx, vy, 5)["linear_top1"] == 100.0
+    # overlapping classes: the probe's val accuracy is that of the converged fit at its chosen wd
+    x, y = _gaussian_classes(2000, 4, 16, 2.0, seed=2)
+    vx, vy = _gaussian_classes(4000, 4, 16, 2.0, seed=3)
+    got = pw.linear_probe(x, y, vx, vy, 4)
+    ref = 100 * (_logistic_reference(x, y, 4, got["linear_wd"], vx) == vy).double().mean().item()
+    assert 60 < ref < 95, ref  # neither trivial nor chance
+    assert abs(got["linear_top1"] - ref) <= 1.0, (got, ref)
+    assert got["linear_top5"] == 100.0  # 4 classes
+
+
+def test_linear_probe_chooses_its_lr_on_training_images_only():
+    x, y = _gaussian_classes(1000, 4, 16, 1.0, seed=4)
+    vx, vy = _gaussian_classes(500, 4, 16, 1.0, seed=5)
+    a = pw.linear_probe(x, y, vx, vy, 4)
+    b = pw.linear_probe(x, y, vx, torch.randint(0, 4, (500,)), 4)  # val labels of noise
+    c = pw.linear_probe(x, y, -vx, vy, 4)  # other val features
+    assert (a["linear_lr"], a["linear_wd"]) == (b["linear_lr"], b["linear_wd"]) == (c["linear_lr"], c["linear_wd"])
+    assert b["linear_top1"] < 40 < a["linear_top1"]  # and the val set was really used for the report
+    # the held-out choice matters: the pair chosen beats the worst of the sweep on val
+    W, bias = pw.train_linear(x, y, 4, [lr for lr in pw.LINEAR_LRS for _ in pw.LINEAR_WDS],
+                              [wd for _ in pw.LINEAR_LRS for wd in pw.LINEAR_WDS], 30)
+    assert a["linear_top1"] >= pw.linear_accuracy(vx, vy, W, bias)[0].min().item()
+
+
+def test_linear_probe_reports_progress_with_an_eta(monkeypatch):
+    clock = iter(range(0, 10 ** 6, 31))  # every reading of the clock 31 s after the last
+    monkeypatch.setattr(pw.time, "time", lambda: next(clock))
+    lines = []
+    x, y = _gaussian_classes(300, 3, 8, 1.0, seed=6)
+    pw.train_linear(x, y, 3, [0.1], [0.0], 2, log=lambda *a, **k: lines.append(a[0]))
+    assert lines and all("linear probe" in line and "ETA" in line for line in lines)
+    assert lines[-1].startswith("  linear probe 4/4 steps")
+
+
 def test_extract_features_returns_dataset_order_and_normalised_cls():
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(20, 10))
     ds = pw.EvalDataset(train, 32)
     backbone = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
-    feats, labels = pw.extract_features(backbone, ds, batch_size=6, device=torch.device("cpu"))
+    feats, labels, linear = pw.extract_features(backbone, ds, batch_size=6, device=torch.device("cpu"),
+                                                linear=(4, False))
     assert feats.shape == (20, 192) and torch.equal(labels, torch.as_tensor(train.targets))
     x = torch.stack([ds[i][0] for i in (3, 17)])
     with torch.no_grad():
         direct = F.normalize(backbone.eval()(pw.normalize(x.float() / 255))[:, 0], dim=1)
     assert torch.allclose(feats[[3, 17]], direct, atol=1e-5)
     assert torch.allclose(feats.norm(dim=1), torch.ones(20), atol=1e-5)
+    # DINO's linear features, written out: the CLS of the last n blocks through the final norm
+    deep = pw.vit_tiny(patch_size=8, depth=5, img_size=32).eval()
+    _, _, linear = pw.extract_features(deep, ds, 6, torch.device("cpu"), linear=(4, False))
+    _, _, pooled = pw.extract_features(deep, ds, 6, torch.device("cpu"), linear=(1, True))
+    with torch.no_grad():
+        t, cls = deep.prepare_tokens(pw.normalize(x.float() / 255)), []
+        for i, block in enumerate(deep.blocks):
+            t = block(t)
+            cls.append(deep.norm(t)[:, 0])
+        last = deep.norm(t)
+    assert linear.dtype == torch.float16 and linear.shape == (20, 4 * 192) and pooled.shape == (20, 2 * 192)
+    assert torch.allclose(linear[[3, 17]].float(), torch.cat(cls[1:], 1), atol=1e-2)
+    assert torch.allclose(pooled[[3, 17]].float(), torch.cat([last[:, 0], last[:, 1:].mean(1)], 1), atol=1e-2)
 
 
 def _write_image_folder(root, n_per_class=6, sizes=((40, 30), (25, 50))):
@@ -722,11 +804,14 @@ def test_training_writes_safe_dino_layout_checkpoints_and_json_logs(tmp_path, ca
     assert not torch.equal(ckpt["teacher"]["backbone.pos_embed"], ckpt["student"]["backbone.pos_embed"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert [e["epoch"] for e in log] == [0, 1]
-    assert all(k in log[-1] for k in ("train_loss", "train_loss_image", "train_loss_patch", "knn_top1_k10"))
+    assert all(k in log[-1] for k in ("train_loss", "train_loss_image", "train_loss_patch", "knn_top1_k10",
+                                      "linear_top1", "linear_top5", "linear_lr", "linear_wd"))
+    assert "linear probe of the trained teacher" in printed and "linear_top1" not in log[0]
     assert log[-1]["train_loss"] == pytest.approx(log[-1]["train_loss_image"] + log[-1]["train_loss_patch"], rel=1e-5)
     # --eval_only on that checkpoint gives the same k-NN as the end of training
     again = pw.main(TINY + ["--epochs", "2", "--output_dir", out, "--eval_only"])
     assert again["knn_top1_k10"] == pytest.approx(results["knn_top1_k10"])
+    assert again["linear_top1"] == pytest.approx(results["linear_top1"])
 
 
 def test_resume_continues_from_the_saved_epoch(tmp_path, capsys):
@@ -887,6 +972,15 @@ def test_one_and_two_processes_give_the_same_losses_and_teacher(tmp_path):
     for k in t1:
         if k.startswith("teacher."):
             assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+    # the evaluation of one teacher does not depend on the number of processes that extract its features
+    again = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "patchwise.py"] + run +
+                 ["--output_dir", str(tmp_path / "one"), "--eval_only"])
+    assert again.returncode == 0, again.stderr[:3000]
+    import re
+    probe = r"linear probe of the .*lr (\S+) and wd (\S+) chosen.*top-1 ([0-9.]+)% top-5 ([0-9.]+)%"
+    knn = r"k-NN of the .*: (k=5.*)"
+    assert re.findall(probe, one.stdout) == re.findall(probe, again.stdout) != []
+    assert re.findall(knn, one.stdout) == re.findall(knn, again.stdout) != []
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_keeps_a_good_checkpoint(tmp_path):
@@ -924,7 +1018,7 @@ LEGAL = {("seed", "-1"), ("seed", "0"), ("num_workers", "0"), ("max_bad_images",
          ("n_local", "0"), ("blur_sigma", "0"), ("patch_loss_weight", "0"), ("warmup_teacher_temp_epochs", "0"),
          ("min_lr", "0"), ("warmup_epochs", "0"), ("weight_decay", "0"), ("weight_decay_end", "0"),
          ("momentum_teacher", "0"), ("clip_grad", "0"), ("freeze_last_layer", "0"), ("ckpt_every", "0"),
-         ("knn_every", "0")}
+         ("knn_every", "0"), ("linear_every", "0"), ("linear_epochs", "0")}
 
 
 def test_every_numeric_flag_refuses_bad_values_in_one_line_naming_flag_and_value(capsys, tmp_path):

@@ -10,14 +10,15 @@ student's output for the matching patch.
 Read top to bottom; each section uses only what is above it:
     configuration -> model -> augmentation -> matching -> loss -> data -> training
     -> evaluation -> tools (weights in and out, pictures) -> main
-Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify) takes tensors and plain
-values, so it can be copied alone into another project.
+Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify, linear_probe) takes
+tensors and plain values, so it can be copied alone into another project.
 
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
 
 Measured on a 2-core x86_64 VM (AMD EPYC), no GPU, torch 2.14.1: the demo runs in 163-185 s and
-lifts the teacher's k-NN top-1 (k=20) from 47.9% to 60.9% (3 seeds). GPU runs: not measured yet.
+lifts the teacher's k-NN top-1 (k=20) from 47.9% to 60.9% (3 seeds; seed 0's linear probe: 49.0% to
+63.9%). GPU runs: not measured yet.
 """
 import argparse
 import collections

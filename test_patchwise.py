@@ -311,7 +311,7 @@ def test_loss_without_patch_term_is_the_dino_loss():
     B, K, V = 4, 32, 5
     student = [torch.randn(B, 1 + (9 if v < 2 else 4), K) for v in range(V)]
     teacher = [torch.randn(B, 10, K) for _ in range(2)]
-    loss_fn = pw.PWSelfLoss(K, epochs=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
+    loss_fn = pw.PWSelfLossRows(K, epochs=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
                             warmup_teacher_temp_epochs=5, patch_loss_weight=0.0)
     loss_fn.center_cls.normal_()
     center = loss_fn.center_cls.clone()
@@ -335,7 +335,7 @@ def test_patch_loss_is_the_mean_over_valid_matched_patches():
     student = [torch.randn(B, 1 + n, K) for n in sizes]
     teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
     matches = _random_matches(B, sizes, n_t)
-    loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.5)
+    loss_fn = pw.PWSelfLossRows(K, epochs=1, patch_loss_weight=0.5)
     loss_fn.center_patch.normal_()
     cp = loss_fn.center_patch.clone().double()
     total, image, patch = _loss_on_views(loss_fn, student, teacher, matches, epoch=0)
@@ -359,7 +359,7 @@ def test_token_mean_weighting_matches_its_definition_on_a_tiny_example():
     student = [torch.randn(B, 1 + n, K) for n in sizes]
     teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
     matches = _random_matches(B, sizes, n_t, seed=5)
-    loss_fn = pw.PWSelfLoss(K, epochs=1, loss_weighting="token_mean")
+    loss_fn = pw.PWSelfLossRows(K, epochs=1, loss_weighting="token_mean")
     total, _, _ = _loss_on_views(loss_fn, student, teacher, matches, epoch=0)
 
     def ce(t, s):
@@ -381,7 +381,7 @@ def test_no_valid_patch_gives_finite_loss_and_zero_patch_part():
     matches = {(i, v): (torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, 4, dtype=torch.bool))
                for i in range(2) for v in range(4) if v != i}
     for weighting in ("sum", "token_mean"):
-        total, image, patch = _loss_on_views(pw.PWSelfLoss(K, epochs=1, loss_weighting=weighting),
+        total, image, patch = _loss_on_views(pw.PWSelfLossRows(K, epochs=1, loss_weighting=weighting),
                                              student, teacher, matches, 0)
         assert torch.isfinite(total) and patch.item() == 0.0 and total.item() == image.item()
 
@@ -424,7 +424,7 @@ def test_running_the_head_on_the_used_tokens_only_changes_neither_loss_nor_gradi
     for compact in (True, False):
         torch.manual_seed(5)
         student = [torch.randn(B, 1 + n, K, requires_grad=True) for n in sizes]
-        loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.7)
+        loss_fn = pw.PWSelfLossRows(K, epochs=1, patch_loss_weight=0.7)
         loss_fn.center_cls.normal_()
         loss_fn.center_patch.normal_()
         losses = _loss_on_views(loss_fn, student, teacher, matches, 0, compact)
@@ -433,6 +433,48 @@ def test_running_the_head_on_the_used_tokens_only_changes_neither_loss_nor_gradi
     (compact_losses, compact_grads), (full_losses, full_grads) = results
     assert np.allclose(compact_losses, full_losses, rtol=1e-6, atol=0), (compact_losses, full_losses)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(compact_grads, full_grads))
+
+
+def test_the_reference_loss_and_the_fast_path_give_the_same_losses_gradients_and_centres():
+    """PWSelfLoss (per view, as DINO's loss reads) against PWSelfLossRows (flat rows of the used
+    tokens, as training runs it), on random geometry with flips and invalid matches."""
+    g = torch.Generator().manual_seed(8)
+    B, K, patch, G = 4, 16, 8, 2
+    for n_local, weighting, weight in ((3, "sum", 1.0), (3, "token_mean", 0.5), (0, "sum", 0.7),
+                                       (0, "token_mean", 1.0), (2, "sum", 0.0)):
+        sizes = [32] * G + [16] * n_local
+        top_left = torch.rand(B, len(sizes), 2, generator=g) * 40
+        side = 20 + torch.rand(B, len(sizes), 2, generator=g) * 40
+        box = torch.cat([top_left, side], dim=-1)  # (B, V, 4) (top, left, height, width) in a 100 px image
+        flip = torch.rand(B, len(sizes), generator=g) < 0.5
+        matches = pw.match_views(box, flip, sizes, patch, G) if weight > 0 else {}
+        valid = torch.cat([v.flatten() for _, v in matches.values()]) if matches else torch.ones(1)
+        assert weight == 0 or 0 < valid.float().mean() < 1  # some matches fall outside the teacher view
+        student = [torch.randn(B, 1 + (s // patch) ** 2, K, generator=g, dtype=torch.float64) for s in sizes]
+        teacher = [torch.randn(B, 1 + 16, K, generator=g, dtype=torch.float64) for _ in range(G)]
+        results = []
+        for rows in (False, True):
+            loss_fn = (pw.PWSelfLossRows if rows else pw.PWSelfLoss)(
+                K, epochs=3, warmup_teacher_temp=0.03, teacher_temp=0.05, warmup_teacher_temp_epochs=2,
+                patch_loss_weight=weight, loss_weighting=weighting)
+            loss_fn.center_cls.copy_(torch.linspace(-1, 1, K))
+            loss_fn.center_patch.copy_(torch.linspace(1, -1, K))
+            s = [x.clone().requires_grad_() for x in student]
+            if rows:
+                losses = _loss_on_views(loss_fn, s, teacher, matches, epoch=1)
+            else:
+                losses = loss_fn([x[:, 0] for x in s], [x[:, 1:] for x in s], [t[:, 0] for t in teacher],
+                                 [t[:, 1:] for t in teacher], matches, epoch=1)
+            losses[0].backward()
+            results.append(([x.item() for x in losses], [x.grad for x in s],
+                            [loss_fn.center_cls.clone(), loss_fn.center_patch.clone()]))
+        (ref_losses, ref_grads, ref_centres), (fast_losses, fast_grads, fast_centres) = results
+        assert np.allclose(ref_losses, fast_losses, rtol=1e-5, atol=1e-7), (n_local, weighting, ref_losses, fast_losses)
+        assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(ref_grads, fast_grads))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref_centres, fast_centres))
+        assert ref_losses[0] > 0 and (ref_losses[2] > 0) == (weight > 0)
+        moved = not torch.equal(ref_centres[1][0], torch.linspace(1, -1, K))
+        assert moved == (weight > 0)  # the patch centre moves only when patches were used
 
 
 def test_soft_cross_entropy_backward_is_the_gradient_of_its_forward(monkeypatch):
@@ -455,7 +497,7 @@ def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     student = [torch.randn(B, 5, K, requires_grad=True) for _ in range(3)]
     teacher = [torch.randn(B, 5, K, requires_grad=True) for _ in range(2)]
     matches = _random_matches(B, [4, 4, 4], 4)
-    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn = pw.PWSelfLossRows(K, epochs=1)
     loss_fn.center_cls.fill_(0.5)
     loss_fn.center_patch.fill_(-0.5)
     total, _, _ = _loss_on_views(loss_fn, student, teacher, matches, 0)
@@ -518,7 +560,7 @@ def test_collapse_warnings_fire_on_collapsed_runs_and_not_on_a_healthy_one(tmp_p
     # sharpening without centring: every image's teacher output peaks on one dimension, as the loss
     # sees it when the centre has not caught up (DINO, fig. 7)
     B, K, V = 8, 64, 4
-    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn = pw.PWSelfLossRows(K, epochs=1)
     peak = torch.zeros(K)
     peak[3] = 1.0
     teacher = [peak + 0.01 * torch.randn(B, 5, K) for _ in range(2)]
@@ -1181,7 +1223,7 @@ def test_compiled_step_gives_the_eager_losses():
         teacher = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(64, 1)
+        loss_fn = pw.PWSelfLossRows(64, 1)
         opt = torch.optim.AdamW(pw.param_groups(student))
         s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
         try:

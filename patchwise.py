@@ -8,8 +8,9 @@ found from the crop geometry alone, and the teacher's output for a patch becomes
 student's output for the matching patch.
 
 Read top to bottom; each section uses only what is above it:
-    configuration -> model -> augmentation -> matching -> loss -> data -> training
-    -> evaluation -> tools (weights in and out, pictures) -> main
+    configuration -> model -> augmentation -> matching -> loss (as DINO's reads, then the same
+    loss computed faster) -> data -> evaluation -> weights in and out -> training and
+    --eval_only -> tools (pictures, export) -> main
 Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify, linear_probe) takes
 tensors and plain values, so it can be copied alone into another project.
 
@@ -171,6 +172,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{action.help} ({text})".replace("%", "%%")
 
 
+def _bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
 def build_parser():
     p = Parser(
         description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patch level).",
@@ -288,14 +297,6 @@ def build_parser():
                    help="Draw the last block's CLS attention per head over IMAGE into --out (needs weights).")
     t.add_argument("--out", default=None, help="Output PNG of --show_matching / --show_attention.")
     return p
-
-
-def _bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def resolve_args(argv=None):
@@ -469,6 +470,16 @@ def interpolate_pos_embed(pos_embed, grid):
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class VisionTransformer(nn.Module):
     """DINO's ViT. forward(x) returns all tokens after the final norm: (B, 1 + N, D), CLS first."""
 
@@ -517,16 +528,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1](x, return_attention=True)[1]
-
-
-def _init_weights(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def vit_tiny(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
@@ -738,6 +739,12 @@ def gaussian_blur(x, sigma, radius=6):
     return y.reshape(B, C, H, W)
 
 
+def normalize(x):
+    mean = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)
+    std = constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def photometric_augment(views, tile, view):
     """Apply the drawn photometric augmentation to a batch of views on their device.
     views: uint8 (B, 3, S, S); tile: (B, G, 6) per-tile colour params; view: (B, 2) blur sigma and
@@ -750,10 +757,6 @@ def photometric_augment(views, tile, view):
     return normalize(x)
 
 
-def normalize(x):
-    mean = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)
-    std = constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1178,6 +1181,19 @@ IMAGENET100_CLASSES = (
 )
 
 
+def load_image(path):
+    """Any image file as 8-bit RGB. Grayscale, palette, RGBA and CMYK are converted by PIL; 16-bit
+    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates them)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()  # decode now, so a truncated file fails here and not mid-augmentation
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        a = np.asarray(img, dtype=np.float64)
+        a = a * (255 / 65535) if a.max() > 255 else a
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
     """The train and val sets for --data, each yielding (PIL image, label); and the class count."""
     if data == "synthetic":
@@ -1227,19 +1243,6 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
             raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of "
                             f"images per class") from None
     return splits[0], splits[1], len(splits[0].classes)
-
-
-def load_image(path):
-    """Any image file as 8-bit RGB. Grayscale, palette, RGBA and CMYK are converted by PIL; 16-bit
-    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates them)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()  # decode now, so a truncated file fails here and not mid-augmentation
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        a = np.asarray(img, dtype=np.float64)
-        a = a * (255 / 65535) if a.max() > 255 else a
-        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
 
 
 # PIL's errors for files that are corrupt, truncated or not images at all.
@@ -1336,7 +1339,286 @@ class EvalDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# Evaluation: k-NN and linear probe of a frozen backbone (DINO's protocols)
+# ------------------------------------------------------------------------------------------------
+
+def format_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
+    """Weighted k-NN: the k most cosine-similar train images vote for their label with weight
+    exp(similarity / T). Features must be L2-normalised, (N, D). Test images go in chunks sized so
+    that the (chunk, N_train) similarity matrix stays near 2^27 floats, so ImageNet-1K
+    (1.28M x 384) fits. Returns (top-1, top-5) accuracy in percent."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_features))
+    chunk = max(1, 2 ** 27 // len(train_features))
+    top1 = top5 = 0
+    for start in range(0, len(test_features), chunk):
+        sim = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
+        sim_k, idx = sim.topk(k, dim=1)  # (c, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim_k / T).exp())  # (c, C)
+        score, pred = votes.topk(min(5, num_classes), dim=1)  # (c, 5)
+        # A class no neighbour voted for is no prediction, even if it ties into the top 5.
+        correct = (pred == test_labels[start:start + chunk].unsqueeze(1)) & (score > 0)
+        top1 += correct[:, 0].sum().item()
+        top5 += correct.any(dim=1).sum().item()
+    n = len(test_features)
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+def linear_features(blocks, avgpool):
+    """DINO's linear-evaluation features from the last blocks' normed tokens, n x (B, 1 + N, D):
+    their CLS tokens concatenated, and with avgpool the last block's mean patch token after them.
+    DINO uses the last 4 blocks for ViT-S and smaller, the last block with avgpool for ViT-B."""
+    feats = [t[:, 0] for t in blocks] + ([blocks[-1][:, 1:].mean(dim=1)] if avgpool else [])
+    return torch.cat(feats, dim=1)  # (B, n D) or (B, 2 D)
+
+
+def linear_protocol(backbone):
+    """(n_last_blocks, avgpool) of DINO's eval_linear for this backbone's width."""
+    return (1, True) if backbone.embed_dim >= 768 else (4, False)
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
+                     linear=None):
+    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`; with
+    linear = (n_last_blocks, avgpool), also the linear probe's features (N, F) in float16
+    (linear_features), from the same forward passes. Each rank extracts its share; the shares are
+    gathered so that every rank ends with all of them, in the dataset's order."""
+    world = dist.get_world_size() if _distributed() else 1
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         generator=torch.Generator())  # leaves the global RNG to drop path
+    was_training = backbone.training
+    backbone.eval()
+    out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
+    start = last_report = time.time()
+    for b, (x, y, idx) in enumerate(loader):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            blocks = backbone.get_intermediate_layers(normalize(x.to(device, non_blocking=True).float() / 255),
+                                                      linear[0] if linear else 1)  # n x (B, 1 + N, D)
+        out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
+        out[1].append(y.to(device))
+        out[2].append(idx.to(device))
+        if linear:
+            out[3].append(linear_features(blocks, linear[1]).half())
+        if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
+            last_report = time.time()
+            log(f"  features {b + 1}/{len(loader)} batches, ETA "
+                f"{format_time((last_report - start) / (b + 1) * (len(loader) - b - 1))}", flush=True)
+    backbone.train(was_training)
+    out = [torch.cat(t) for t in out if t]
+    if world > 1:  # DistributedSampler pads, so every rank holds the same count
+        for i, t in enumerate(out):
+            gathered = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(gathered, t)
+            out[i] = torch.cat(gathered)
+    index = out.pop(2)
+    ordered = [torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in out]
+    for dst, src in zip(ordered, out):
+        dst[index] = src  # the padding repeats indices with the same rows
+    return ordered[0], ordered[1], (ordered[2] if linear else None)
+
+
+@torch.no_grad()
+def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
+    """Multinomial logistic regressions on features x (N, F), one per (lr, wd) pair, all trained at
+    once on the same batches: SGD with momentum 0.9 and a cosine learning rate, as DINO's
+    eval_linear, on features standardised by their mean and deviation (which a linear layer can
+    undo, so it changes the conditioning only). The gradient of the mean cross-entropy is written
+    out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
+    Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
+    N, P, device = len(x), len(lrs), x.device
+    chunks = lambda: (x[i:i + 65536].float() for i in range(0, N, 65536))  # noqa: E731 no float32 copy of x
+    mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
+    std = (sum(((c - mean) ** 2).sum(dim=0) for c in chunks()) / N).sqrt().clamp_min(1e-6)
+    lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(P, 1, 1)
+    wd = torch.tensor(wds, dtype=torch.float32, device=device).view(P, 1, 1)
+    W = torch.zeros(P, x.shape[1], num_classes, device=device)
+    b = torch.zeros(P, 1, num_classes, device=device)
+    vW, vb = torch.zeros_like(W), torch.zeros_like(b)
+    gen = torch.Generator().manual_seed(seed)
+    steps, step = epochs * math.ceil(N / batch_size), 0
+    start = last_report = time.time()
+    for _ in range(epochs):
+        order = torch.randperm(N, generator=gen).to(device)
+        for i in range(0, N, batch_size):
+            idx = order[i:i + batch_size]
+            xb = (x[idx].float() - mean) / std  # (B, F)
+            g = torch.softmax(xb @ W + b, dim=-1)  # (P, B, C)
+            g[:, torch.arange(len(idx), device=device), y[idx]] -= 1
+            g /= len(idx)  # d(mean cross-entropy) / d logits
+            vW.mul_(0.9).add_(xb.T @ g + wd * W)  # (P, F, C)
+            vb.mul_(0.9).add_(g.sum(dim=1, keepdim=True))
+            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            W -= step_lr * vW
+            b -= step_lr * vb
+            step += 1
+            if log and time.time() - last_report > 30:
+                last_report = time.time()
+                log(f"  linear probe {step}/{steps} steps, ETA "
+                    f"{format_time((last_report - start) / step * (steps - step))}", flush=True)
+    W = W / std.view(1, -1, 1)  # fold the standardisation into the layer
+    return W, b - (mean @ W).unsqueeze(1)  # (P, F, C), (P, 1, C)
+
+
+@torch.no_grad()
+def linear_accuracy(x, y, W, b):
+    """Top-1 and top-5 accuracy in percent, (P,) each, of every classifier of a stack (W, b) on
+    features x (N, F); a classifier whose weights went non-finite scores -1."""
+    top1 = torch.zeros(len(W), device=x.device)
+    top5 = torch.zeros(len(W), device=x.device)
+    for i in range(0, len(x), 16384):
+        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices  # (P, c, 5)
+        hit = pred == y[i:i + 16384].view(1, -1, 1)
+        top1 += hit[..., 0].sum(dim=1)
+        top5 += hit.any(dim=-1).sum(dim=1)
+    finite = W.isfinite().flatten(1).all(dim=1) & b.isfinite().flatten(1).all(dim=1)
+    return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS, wds=LINEAR_WDS,
+                 holdout=0.1, max_sweep=100_000, seed=0, log=None):
+    """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
+    a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
+    best held-out top-1 is refitted on all training features, and its val accuracy is reported.
+    Only training images choose the pair. Returns {'linear_top1', 'linear_top5', 'linear_lr',
+    'linear_wd'}."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
+    n_held = min(max(1, int(holdout * len(train_x))), 10_000)
+    held, fit = order[:n_held], order[n_held:n_held + max_sweep]
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid), epochs, seed=seed, log=log)
+    lr, wd = grid[int(linear_accuracy(train_x[held], train_y[held], W, b)[0].argmax())]
+    W, b = train_linear(train_x, train_y, num_classes, [lr], [wd], epochs, seed=seed, log=log)
+    top1, top5 = linear_accuracy(val_x, val_y, W, b)
+    return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
+
+
+def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,), linear_epochs=30,
+                      batch_size=256, num_workers=0, amp_dtype=None, seed=0, log=print):
+    """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
+    EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
+    'linear_top1': ...}."""
+    protocol = linear_protocol(backbone) if linear_epochs else None
+    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype,
+                                                 log, protocol)
+    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log,
+                                           protocol)
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    results = {}
+    for k in ks:
+        results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = knn_classify(train_f, train_y, val_f, val_y, k,
+                                                                            num_classes=num_classes)
+    log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 "
+                                             f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks), flush=True)
+    if linear_epochs:
+        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs, seed=seed,
+                                    log=log))
+        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr {results['linear_lr']:g} and wd "
+            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
+            f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights in and out: checkpoints, and backbones in DINO's and timm's layouts
+# ------------------------------------------------------------------------------------------------
+
+# The first bytes of JPEG, PNG, GIF, BMP, TIFF (both byte orders) and WebP (RIFF) files.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint:
+    a kill at any moment leaves either the old or the new checkpoint whole, never a torn one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_weights(path, trust=False):
+    """torch.load with the safe loader, which reads our checkpoints (tensors and plain Python values
+    only). A file that needs full unpickling (DINO's own checkpoints store an argparse.Namespace) is
+    refused unless the user says they trust it; an unreadable one ends with a one-line error."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK..), older torch a bare pickle (protocol byte 0x80)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        what = ("empty" if not head else "an image" if head.startswith(IMAGE_MAGIC) else
+                "not a PyTorch file")
+        raise UserError(f"{path} is {what}, not a checkpoint; pass a file written by torch.save: a "
+                        f"patchwise or DINO checkpoint, a DINO backbone or a timm ViT state dict")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
+        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
+            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is truncated or not a "
+                            f"checkpoint; pass another file (for --resume, an earlier run's output_dir)") from None
+        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
+                        f"args that way); if you trust the file, add --trust_checkpoint") from None
+
+
+def check_same_architecture(saved, args, path):
+    diff = [f"{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in ARCH_KEYS
+            if saved.get(k) != getattr(args, k)]
+    if diff:
+        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's flags or "
+                        f"another --output_dir")
+
+
+def backbone_state_dict(state, key="teacher"):
+    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
+    our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
+    'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
+    classifier 'head.*' is dropped). `key` picks the teacher or the student of a full checkpoint."""
+    for k in (key, "model", "state_dict"):
+        if isinstance(state.get(k), dict):
+            state = state[k]
+            break
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head or timm's classifier
+            out[k.removeprefix("backbone.")] = v
+    return out
+
+
+def load_backbone(backbone, state, source, key="teacher"):
+    """Load weights into a VisionTransformer, interpolating the position embedding to its grid, with
+    a one-line error naming what does not fit."""
+    state = backbone_state_dict(state, key)
+    own = backbone.state_dict()
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+        side = math.isqrt(own["pos_embed"].shape[1] - 1)
+        state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
+    problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
+                for k in own if k in state and state[k].shape != own[k].shape]
+    for label, keys in (("missing", sorted(set(own) - set(state))), ("unexpected", sorted(set(state) - set(own)))):
+        if keys:
+            problems.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+    if problems:
+        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim {backbone.embed_dim}, patch "
+                        f"{backbone.patch_size}): {'; '.join(problems[:4])}; set --arch, --patch_size and --depth to the file's")
+    backbone.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training, and --eval_only
 # ------------------------------------------------------------------------------------------------
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
@@ -1479,54 +1761,6 @@ def prepare_output_dir(path):
         raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint:
-    a kill at any moment leaves either the old or the new checkpoint whole, never a torn one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_weights(path, trust=False):
-    """torch.load with the safe loader, which reads our checkpoints (tensors and plain Python values
-    only). A file that needs full unpickling (DINO's own checkpoints store an argparse.Namespace) is
-    refused unless the user says they trust it; an unreadable one ends with a one-line error."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip archive (PK..), older torch a bare pickle (protocol byte 0x80)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        what = ("empty" if not head else "an image" if head.startswith(IMAGE_MAGIC) else
-                "not a PyTorch file")
-        raise UserError(f"{path} is {what}, not a checkpoint; pass a file written by torch.save: a "
-                        f"patchwise or DINO checkpoint, a DINO backbone or a timm ViT state dict")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
-        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
-            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is truncated or not a "
-                            f"checkpoint; pass another file (for --resume, an earlier run's output_dir)") from None
-        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
-                        f"args that way); if you trust the file, add --trust_checkpoint") from None
-
-
-# The first bytes of JPEG, PNG, GIF, BMP, TIFF (both byte orders) and WebP (RIFF) files.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
-ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
-
-
-def check_same_architecture(saved, args, path):
-    diff = [f"{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in ARCH_KEYS
-            if saved.get(k) != getattr(args, k)]
-    if diff:
-        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's flags or "
-                        f"another --output_dir")
-
-
 def encoder_from_args(args, drop_path=0.0):
     return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path, args.depth, args.global_size,
                          args.head_hidden_dim, args.bottleneck_dim, args.norm_last_layer)
@@ -1541,11 +1775,6 @@ def rng_state(device):
         dist.all_gather_object(states, state)
         return states
     return [state]
-
-
-def format_time(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def collapse_warning(image_loss_range, entropy_cls, out_dim):
@@ -1568,15 +1797,114 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
     return None
 
 
+def stop_if_not_finite(first_bad, model, step, iters, ckpt_path, weights_too=False):
+    """End the run in one line if the loss went non-finite at a step so far (first_bad, a device
+    scalar: that step, or -1), or, with weights_too, if the weights are no longer finite. Reads the
+    device once, so the loop calls it only when it logs or saves. The loss lags the weights by one
+    step, so before a save the weights are checked too."""
+    if weights_too and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        raise UserError(f"the weights became non-finite at iteration {step} (epoch {step // iters + 1}); "
+                        f"{ckpt_path} holds the last good state; lower --lr or --teacher_temp and resume "
+                        f"with --resume")
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise UserError(f"the loss became non-finite at iteration {bad} (epoch {bad // iters + 1}); {ckpt_path} "
+                        f"holds the last good state; lower --lr or --teacher_temp and resume with --resume")
+
+
+class Progress:
+    """What the loop reports, kept out of its body: the sums of train_step's (7,) outputs over the
+    epoch and over the current log window (on the device: adding them costs no sync), the image
+    loss's range for the collapse check, and the window's throughput and the run's ETA."""
+    NAMES = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",
+             "teacher_entropy_cls_mean", "teacher_entropy_patch", "teacher_entropy_patch_mean")
+
+    def __init__(self, device, world, batch_size, total_steps, first_step):
+        self.device, self.world, self.batch_size = device, world, batch_size
+        self.total_steps, self.first_step, self.run_start = total_steps, first_step, time.time()
+
+    def start_epoch(self, first_it):
+        self.epoch_sum = torch.zeros(7, device=self.device)
+        self.window_sum = torch.zeros(7, device=self.device)
+        self.image_range = torch.tensor([math.inf, -math.inf], device=self.device)  # this rank's
+        self.first_it = self.window_start = first_it
+        self.window_time = time.time()
+
+    def add(self, losses):
+        self.epoch_sum += losses
+        self.window_sum += losses
+        self.image_range = torch.stack([self.image_range[0].minimum(losses[1]), self.image_range[1].maximum(losses[1])])
+
+    def window(self, it, step):
+        """The mean over ranks of the window's outputs (7,), its images/s and the run's ETA in
+        seconds, after iteration `it` (global step `step`); starts the next window."""
+        mean = all_reduce_sum(self.window_sum.clone()) / (self.world * (it + 1 - self.window_start))
+        now = time.time()
+        speed = (it + 1 - self.window_start) * self.batch_size / max(now - self.window_time, 1e-9)
+        eta = (now - self.run_start) / (step + 1 - self.first_step) * (self.total_steps - step - 1)
+        self.window_sum.zero_()
+        self.window_start, self.window_time = it + 1, now
+        return mean.tolist(), speed, eta
+
+    def epoch_stats(self, iters):
+        """The epoch's means over ranks, by name, and this rank's mean CLS entropies (2,)."""
+        n = iters - self.first_it
+        entropy_cls = (self.epoch_sum[3:5] / n).tolist()
+        mean = (all_reduce_sum(self.epoch_sum.clone()) / (self.world * n)).tolist()
+        return dict(zip(self.NAMES, mean)), entropy_cls
+
+
+def build_models(args, device, rank, world):
+    """Student and teacher, equal at the start (DINO), the student wrapped in DDP across ranks;
+    and the two modules the step calls (compiled with --compile; the teacher stays the plain module
+    for EMA, evaluation and checkpoints)."""
+    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student, not the teacher
+    student = encoder_from_args(args, args.drop_path).to(device)
+    teacher = encoder_from_args(args).to(device)
+    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
+    if args.pretrained:
+        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
+                      args.checkpoint_key)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        return student, teacher, torch.compile(student), torch.compile(teacher)
+    return student, teacher, student, teacher
+
+
+def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world):
+    """Load the run's checkpoint into the models, optimizer and loss, and this rank's random state
+    when the world size is the same (bit-exact resume). Returns (epoch, iteration) to go on from."""
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+    ckpt = read_weights(ckpt_path)
+    check_same_architecture(ckpt["args"], args, ckpt_path)
+    unwrap(student).load_state_dict(ckpt["student"])
+    teacher.load_state_dict(ckpt["teacher"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loss_fn.load_state_dict(ckpt["loss"])
+    if len(ckpt["rng"]) == world:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    return ckpt["epoch"], ckpt["iteration"]
+
+
 def train(args):
-    """The whole run: data, models, schedules, resume, the epoch loop with logs, checkpoints and
-    k-NN. The only function besides main that reads `args`."""
+    """The whole run, in stages: data, models, optimiser and schedules, resume, the loop, and the
+    end of each epoch (collapse check, checkpoint, evaluation, log.txt). The drivers (train,
+    evaluate, run_tool, main) and their helpers read `args`; every piece they call takes plain
+    values."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     local_batch = args.batch_size // world
     prepare_output_dir(args.output_dir)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
 
+    # Data
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size, args.n_local,
                                args.patch_size, args.photometric, args.global_scale, args.local_scale,
@@ -1590,23 +1918,13 @@ def train(args):
     if iters == 0:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
                         f"{args.batch_size}; lower --batch_size")
+    eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
 
-    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student, not the teacher
-    student = encoder_from_args(args, args.drop_path).to(device)
-    teacher = encoder_from_args(args).to(device)
-    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
-    if args.pretrained:
-        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
-                      args.checkpoint_key)
-    teacher.load_state_dict(student.state_dict())  # teacher and student start equal (DINO)
-    teacher.requires_grad_(False)
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    # Compiled twins for the step; `teacher` stays the plain module for EMA, k-NN and checkpoints.
-    student_step, teacher_step = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
+    # Models, optimiser and schedules
+    student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
     loss_fn = PWSelfLossRows(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
-                         loss_weighting=args.loss_weighting).to(device)
+                             args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
+                             loss_weighting=args.loss_weighting).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
     # DINO's linear scaling rule: the peak learning rate grows with the global batch.
     lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
@@ -1614,21 +1932,10 @@ def train(args):
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
+    # Resume
     start_epoch, start_iter = 0, 0
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-        ckpt = read_weights(ckpt_path)
-        check_same_architecture(ckpt["args"], args, ckpt_path)
-        unwrap(student).load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+        start_epoch, start_iter = resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world)
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
 
     def save(epoch, iteration):
@@ -1637,8 +1944,6 @@ def train(args):
                      iteration=iteration, args=vars(args), rng=rng_state(device))
         if rank == 0:
             save_checkpoint(state, ckpt_path)
-
-    eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
 
     def evaluation(label, linear):
         return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label, args.knn_k,
@@ -1654,28 +1959,14 @@ def train(args):
         f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
         f"process(es), {device.type}")
 
+    # The loop
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-
-    def stop_if_not_finite(weights_too=False):
-        # The loss lags the weights by one step, so before a save the weights are checked too.
-        if weights_too and not torch.stack([p.isfinite().all() for p in unwrap(student).parameters()]).all():
-            raise UserError(f"the weights became non-finite at iteration {step} (epoch {epoch + 1}); {ckpt_path} "
-                            f"holds the last good state; lower --lr or --teacher_temp and resume with --resume")
-        if first_bad.item() >= 0:  # one host sync, only at logging and checkpoint time
-            raise UserError(f"the loss became non-finite at iteration {first_bad.item()} (epoch "
-                            f"{first_bad.item() // iters + 1}); {ckpt_path} holds the last good state; lower "
-                            f"--lr or --teacher_temp and resume with --resume")
-
-    total_steps = args.epochs * iters
-    run_start, run_start_step = time.time(), start_epoch * iters + start_iter
-    results, warned = {}, set()
+    progress = Progress(device, world, args.batch_size, args.epochs * iters, start_epoch * iters + start_iter)
+    results, warned, ln_k = {}, set(), math.log(args.out_dim)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
-        epoch_sum = torch.zeros(7, device=device)
-        image_range = torch.tensor([math.inf, -math.inf], device=device)  # this rank's image loss
+        progress.start_epoch(start_iter)
         bad_images = 0  # unreadable files met this epoch (replaced by others)
-        window_sum, window_start = torch.zeros(7, device=device), start_iter
-        window_time = time.time()
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
             losses = train_step(  # (7,) loss, image, patch, teacher entropies
@@ -1684,36 +1975,27 @@ def train(args):
                 matching=args.matching, clip_grad=args.clip_grad,
                 freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
-            epoch_sum += losses
-            image_range = torch.stack([image_range[0].minimum(losses[1]),
-                                       image_range[1].maximum(losses[1])])  # (min, max)
+            progress.add(losses)
             bad_images += int(batch["bad"].sum())  # a CPU tensor: no device sync
-            window_sum += losses
             if (step + 1) % args.log_every == 0 or it + 1 == iters:
-                stop_if_not_finite()
-                mean = all_reduce_sum(window_sum.clone()) / (world * (it + 1 - window_start))
-                elapsed = time.time() - window_time
-                speed = (it + 1 - window_start) * args.batch_size / max(elapsed, 1e-9)
-                eta = (time.time() - run_start) / (step + 1 - run_start_step) * (total_steps - step - 1)
-                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {mean[0]:.5f} (image "
-                    f"{mean[1]:.5f} patch {mean[2]:.5f})  teacher entropy row/mean: cls "
-                    f"{mean[3]:.2f}/{mean[4]:.2f} patch {mean[5]:.2f}/{mean[6]:.2f} "
-                    f"(ln K {math.log(args.out_dim):.2f})  "
-                    f"lr {lr_schedule[step]:.2e}  wd "
+                stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path)
+                m, speed, eta = progress.window(it, step)
+                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image {m[1]:.5f} "
+                    f"patch {m[2]:.5f})  teacher entropy row/mean: cls {m[3]:.2f}/{m[4]:.2f} patch "
+                    f"{m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr {lr_schedule[step]:.2e}  wd "
                     f"{wd_schedule[step]:.3f}  mom {momentum_schedule[step]:.5f}  {speed:.0f} img/s  "
                     f"ETA {format_time(eta)}", flush=True)
-                window_sum.zero_()
-                window_start, window_time = it + 1, time.time()
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
-                stop_if_not_finite(weights_too=True)
+                stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path, weights_too=True)
                 save(epoch, it + 1)
-        stop_if_not_finite(weights_too=True)
-        entropy_cls = (epoch_sum[3:5] / (iters - start_iter)).tolist()  # this rank's
-        collapse = collapse_warning(image_range.tolist(), entropy_cls, args.out_dim)
+
+        # End of the epoch: collapse check, unreadable files, checkpoint, evaluation, log.txt
+        stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path, weights_too=True)
+        stats, entropy_cls = progress.epoch_stats(iters)
+        collapse = collapse_warning(progress.image_range.tolist(), entropy_cls, args.out_dim)
         if collapse and collapse[0] not in warned:  # each kind once per run
             warned.add(collapse[0])
             log(collapse[1], flush=True)
-        epoch_mean = (all_reduce_sum(epoch_sum) / (world * (iters - start_iter))).tolist()
         bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
         seen = (iters - start_iter) * args.batch_size
         if bad_images > args.max_bad_images * seen:
@@ -1722,11 +2004,8 @@ def train(args):
                             f"the warnings above, or raise --max_bad_images")
         start_iter = 0
         save(epoch + 1, 0)
-        stats = dict(train_loss=epoch_mean[0], train_loss_image=epoch_mean[1], train_loss_patch=epoch_mean[2],
-                     teacher_entropy_cls=epoch_mean[3], teacher_entropy_cls_mean=epoch_mean[4],
-                     teacher_entropy_patch=epoch_mean[5], teacher_entropy_patch_mean=epoch_mean[6],
-                     ln_K=math.log(args.out_dim), bad_images=bad_images,
-                     train_lr=float(lr_schedule[step]), train_wd=float(wd_schedule[step]), epoch=epoch)
+        stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
+                     train_wd=float(wd_schedule[step]), epoch=epoch)
         last = epoch + 1 == args.epochs
         knn = last or (args.knn_every and (epoch + 1) % args.knn_every == 0)
         linear = last or (args.linear_every and (epoch + 1) % args.linear_every == 0)
@@ -1740,191 +2019,6 @@ def train(args):
         log("randomly initialised -> trained teacher: " + ", ".join(
             f"{name} top-1 {initial[key]:.2f}% -> {results[key]:.2f}%"
             for name, key in (("k-NN (k=20)", "knn_top1_k20"), ("linear", "linear_top1")) if key in results))
-    return results
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation: weighted k-NN on teacher CLS features (DINO's protocol)
-# ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
-    """Weighted k-NN: the k most cosine-similar train images vote for their label with weight
-    exp(similarity / T). Features must be L2-normalised, (N, D). Test images go in chunks sized so
-    that the (chunk, N_train) similarity matrix stays near 2^27 floats, so ImageNet-1K
-    (1.28M x 384) fits. Returns (top-1, top-5) accuracy in percent."""
-    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    k = min(k, len(train_features))
-    chunk = max(1, 2 ** 27 // len(train_features))
-    top1 = top5 = 0
-    for start in range(0, len(test_features), chunk):
-        sim = test_features[start:start + chunk] @ train_features.T  # (c, N_train)
-        sim_k, idx = sim.topk(k, dim=1)  # (c, k)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim_k / T).exp())  # (c, C)
-        score, pred = votes.topk(min(5, num_classes), dim=1)  # (c, 5)
-        # A class no neighbour voted for is no prediction, even if it ties into the top 5.
-        correct = (pred == test_labels[start:start + chunk].unsqueeze(1)) & (score > 0)
-        top1 += correct[:, 0].sum().item()
-        top5 += correct.any(dim=1).sum().item()
-    n = len(test_features)
-    return 100.0 * top1 / n, 100.0 * top5 / n
-
-
-@torch.no_grad()
-def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
-                     linear=None):
-    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`; with
-    linear = (n_last_blocks, avgpool), also the linear probe's features (N, F) in float16
-    (linear_features), from the same forward passes. Each rank extracts its share; the shares are
-    gathered so that every rank ends with all of them, in the dataset's order."""
-    world = dist.get_world_size() if _distributed() else 1
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         generator=torch.Generator())  # leaves the global RNG to drop path
-    was_training = backbone.training
-    backbone.eval()
-    out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
-    start = last_report = time.time()
-    for b, (x, y, idx) in enumerate(loader):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            blocks = backbone.get_intermediate_layers(normalize(x.to(device, non_blocking=True).float() / 255),
-                                                      linear[0] if linear else 1)  # n x (B, 1 + N, D)
-        out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
-        out[1].append(y.to(device))
-        out[2].append(idx.to(device))
-        if linear:
-            out[3].append(linear_features(blocks, linear[1]).half())
-        if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
-            last_report = time.time()
-            log(f"  features {b + 1}/{len(loader)} batches, ETA "
-                f"{format_time((last_report - start) / (b + 1) * (len(loader) - b - 1))}", flush=True)
-    backbone.train(was_training)
-    out = [torch.cat(t) for t in out if t]
-    if world > 1:  # DistributedSampler pads, so every rank holds the same count
-        for i, t in enumerate(out):
-            gathered = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(gathered, t)
-            out[i] = torch.cat(gathered)
-    index = out.pop(2)
-    ordered = [torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in out]
-    for dst, src in zip(ordered, out):
-        dst[index] = src  # the padding repeats indices with the same rows
-    return ordered[0], ordered[1], (ordered[2] if linear else None)
-
-
-def linear_features(blocks, avgpool):
-    """DINO's linear-evaluation features from the last blocks' normed tokens, n x (B, 1 + N, D):
-    their CLS tokens concatenated, and with avgpool the last block's mean patch token after them.
-    DINO uses the last 4 blocks for ViT-S and smaller, the last block with avgpool for ViT-B."""
-    feats = [t[:, 0] for t in blocks] + ([blocks[-1][:, 1:].mean(dim=1)] if avgpool else [])
-    return torch.cat(feats, dim=1)  # (B, n D) or (B, 2 D)
-
-
-def linear_protocol(backbone):
-    """(n_last_blocks, avgpool) of DINO's eval_linear for this backbone's width."""
-    return (1, True) if backbone.embed_dim >= 768 else (4, False)
-
-
-@torch.no_grad()
-def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
-    """Multinomial logistic regressions on features x (N, F), one per (lr, wd) pair, all trained at
-    once on the same batches: SGD with momentum 0.9 and a cosine learning rate, as DINO's
-    eval_linear, on features standardised by their mean and deviation (which a linear layer can
-    undo, so it changes the conditioning only). The gradient of the mean cross-entropy is written
-    out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
-    Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
-    N, P, device = len(x), len(lrs), x.device
-    chunks = lambda: (x[i:i + 65536].float() for i in range(0, N, 65536))  # noqa: E731 no float32 copy of x
-    mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
-    std = (sum(((c - mean) ** 2).sum(dim=0) for c in chunks()) / N).sqrt().clamp_min(1e-6)
-    lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(P, 1, 1)
-    wd = torch.tensor(wds, dtype=torch.float32, device=device).view(P, 1, 1)
-    W = torch.zeros(P, x.shape[1], num_classes, device=device)
-    b = torch.zeros(P, 1, num_classes, device=device)
-    vW, vb = torch.zeros_like(W), torch.zeros_like(b)
-    gen = torch.Generator().manual_seed(seed)
-    steps, step = epochs * math.ceil(N / batch_size), 0
-    start = last_report = time.time()
-    for _ in range(epochs):
-        order = torch.randperm(N, generator=gen).to(device)
-        for i in range(0, N, batch_size):
-            idx = order[i:i + batch_size]
-            xb = (x[idx].float() - mean) / std  # (B, F)
-            g = torch.softmax(xb @ W + b, dim=-1)  # (P, B, C)
-            g[:, torch.arange(len(idx), device=device), y[idx]] -= 1
-            g /= len(idx)  # d(mean cross-entropy) / d logits
-            vW.mul_(0.9).add_(xb.T @ g + wd * W)  # (P, F, C)
-            vb.mul_(0.9).add_(g.sum(dim=1, keepdim=True))
-            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            W -= step_lr * vW
-            b -= step_lr * vb
-            step += 1
-            if log and time.time() - last_report > 30:
-                last_report = time.time()
-                log(f"  linear probe {step}/{steps} steps, ETA "
-                    f"{format_time((last_report - start) / step * (steps - step))}", flush=True)
-    W = W / std.view(1, -1, 1)  # fold the standardisation into the layer
-    return W, b - (mean @ W).unsqueeze(1)  # (P, F, C), (P, 1, C)
-
-
-@torch.no_grad()
-def linear_accuracy(x, y, W, b):
-    """Top-1 and top-5 accuracy in percent, (P,) each, of every classifier of a stack (W, b) on
-    features x (N, F); a classifier whose weights went non-finite scores -1."""
-    top1 = torch.zeros(len(W), device=x.device)
-    top5 = torch.zeros(len(W), device=x.device)
-    for i in range(0, len(x), 16384):
-        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices  # (P, c, 5)
-        hit = pred == y[i:i + 16384].view(1, -1, 1)
-        top1 += hit[..., 0].sum(dim=1)
-        top5 += hit.any(dim=-1).sum(dim=1)
-    finite = W.isfinite().flatten(1).all(dim=1) & b.isfinite().flatten(1).all(dim=1)
-    return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
-
-
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS, wds=LINEAR_WDS,
-                 holdout=0.1, max_sweep=100_000, seed=0, log=None):
-    """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
-    a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
-    best held-out top-1 is refitted on all training features, and its val accuracy is reported.
-    Only training images choose the pair. Returns {'linear_top1', 'linear_top5', 'linear_lr',
-    'linear_wd'}."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
-    n_held = min(max(1, int(holdout * len(train_x))), 10_000)
-    held, fit = order[:n_held], order[n_held:n_held + max_sweep]
-    grid = [(lr, wd) for lr in lrs for wd in wds]
-    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid), epochs, seed=seed, log=log)
-    lr, wd = grid[int(linear_accuracy(train_x[held], train_y[held], W, b)[0].argmax())]
-    W, b = train_linear(train_x, train_y, num_classes, [lr], [wd], epochs, seed=seed, log=log)
-    top1, top5 = linear_accuracy(val_x, val_y, W, b)
-    return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
-
-
-def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,), linear_epochs=30,
-                      batch_size=256, num_workers=0, amp_dtype=None, seed=0, log=print):
-    """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
-    EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
-    'linear_top1': ...}."""
-    protocol = linear_protocol(backbone) if linear_epochs else None
-    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype,
-                                                 log, protocol)
-    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log,
-                                           protocol)
-    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
-    results = {}
-    for k in ks:
-        results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = knn_classify(train_f, train_y, val_f, val_y, k,
-                                                                            num_classes=num_classes)
-    log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 "
-                                             f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks), flush=True)
-    if linear_epochs:
-        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs, seed=seed,
-                                    log=log))
-        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr {results['linear_lr']:g} and wd "
-            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
-            f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
     return results
 
 
@@ -1956,45 +2050,8 @@ def evaluate(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tools: weights in and out, pictures of the matching and of the attention
+# Tools: pictures of the matching and of the attention, --export_backbone
 # ------------------------------------------------------------------------------------------------
-
-def backbone_state_dict(state, key="teacher"):
-    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
-    our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
-    'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
-    classifier 'head.*' is dropped). `key` picks the teacher or the student of a full checkpoint."""
-    for k in (key, "model", "state_dict"):
-        if isinstance(state.get(k), dict):
-            state = state[k]
-            break
-    out = {}
-    for k, v in state.items():
-        k = k.removeprefix("module.")
-        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head or timm's classifier
-            out[k.removeprefix("backbone.")] = v
-    return out
-
-
-def load_backbone(backbone, state, source, key="teacher"):
-    """Load weights into a VisionTransformer, interpolating the position embedding to its grid, with
-    a one-line error naming what does not fit."""
-    state = backbone_state_dict(state, key)
-    own = backbone.state_dict()
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
-        side = math.isqrt(own["pos_embed"].shape[1] - 1)
-        state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
-    problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
-                for k in own if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing", sorted(set(own) - set(state))), ("unexpected", sorted(set(state) - set(own)))):
-        if keys:
-            problems.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
-    if problems:
-        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim {backbone.embed_dim}, patch "
-                        f"{backbone.patch_size}): {'; '.join(problems[:4])}; set --arch, --patch_size and --depth to the file's")
-    backbone.load_state_dict(state, strict=True)
-
 
 def grid_to_pixels(grid, patch_size):
     """A (g, g) per-patch tensor as a (g p, g p) per-pixel numpy array, each patch a flat block."""

@@ -285,7 +285,7 @@ def build_parser():
                    help="Backbone weights to start from (or, with --eval_only, to evaluate): our checkpoints, "
                         "DINO's full checkpoints or released backbones, timm ViT state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
-                   help="Which network of a full checkpoint --pretrained and --export_backbone read.")
+                   help="Which network of a full checkpoint --pretrained, --eval_only and --export_backbone read.")
     t.add_argument("--trust_checkpoint", action="store_true",
                    help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only for files you trust.")
     t.add_argument("--export_backbone", default=None, metavar="FILE",
@@ -1766,6 +1766,33 @@ def encoder_from_args(args, drop_path=0.0):
                          args.head_hidden_dim, args.bottleneck_dim, args.norm_last_layer)
 
 
+def backbone_from_args(args, flag):
+    """The backbone that --eval_only, --show_attention and --export_backbone work on: --pretrained
+    weights, else the network --checkpoint_key names in output_dir/checkpoint.pth. Returns it and
+    the file it came from."""
+    backbone = encoder_from_args(args).backbone
+    path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
+    if not args.pretrained and not os.path.exists(path):
+        raise UserError(f"{flag}: no checkpoint at {path}; point --output_dir at a training run or pass "
+                        f"--pretrained")
+    state = read_weights(path, args.trust_checkpoint)
+    if not args.pretrained:
+        check_same_architecture(state["args"], args, path)
+    load_backbone(backbone, state, path, args.checkpoint_key)
+    return backbone, path
+
+
+def start_run(args):
+    """What a training or evaluation run begins with: join the processes, a log that prints on rank
+    0 only, the notes resolve_args left, and the autocast dtype (bf16 on CUDA, none on a CPU).
+    Returns (rank, world, device, log, amp_dtype)."""
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    for note in args.notes:
+        log(note)
+    return rank, world, device, log, (torch.bfloat16 if device.type == "cuda" else None)
+
+
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -1898,8 +1925,7 @@ def train(args):
     end of each epoch (collapse check, checkpoint, evaluation, log.txt). The drivers (train,
     evaluate, run_tool, main) and their helpers read `args`; every piece they call takes plain
     values."""
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
+    rank, world, device, log, amp_dtype = start_run(args)
     local_batch = args.batch_size // world
     prepare_output_dir(args.output_dir)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -1930,7 +1956,6 @@ def train(args):
     lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     # Resume
     start_epoch, start_iter = 0, 0
@@ -1953,8 +1978,6 @@ def train(args):
     initial = None
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
         initial = evaluation("randomly initialised teacher", True)
-    for note in args.notes:
-        log(note)
     log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
         f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
         f"process(es), {device.type}")
@@ -2025,25 +2048,10 @@ def train(args):
 def evaluate(args):
     """--eval_only: k-NN and linear probe of the teacher in output_dir/checkpoint.pth, or of
     --pretrained weights."""
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    for note in args.notes:
-        log(note)
-    teacher = encoder_from_args(args)
-    path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
-    if args.pretrained:
-        load_backbone(teacher.backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
-    else:
-        if not os.path.exists(path):
-            raise UserError(f"--eval_only: no checkpoint at {path}; point --output_dir at a training run "
-                            f"or pass --pretrained")
-        ckpt = read_weights(path)
-        check_same_architecture(ckpt["args"], args, path)
-        teacher.load_state_dict(ckpt["teacher"])
-    teacher = teacher.to(device)
+    rank, world, device, log, amp_dtype = start_run(args)
+    backbone, path = backbone_from_args(args, "--eval_only")
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
-    return evaluate_backbone(teacher.backbone, EvalDataset(train_base, args.global_size),
+    return evaluate_backbone(backbone.to(device), EvalDataset(train_base, args.global_size),
                              EvalDataset(val_base, args.global_size), num_classes, device,
                              f"teacher in {path}", args.knn_k, args.linear_epochs,
                              max(1, args.batch_size // world), args.num_workers, amp_dtype, args.seed, log)
@@ -2142,9 +2150,7 @@ def run_tool(args):
     """--show_matching, --show_attention, --export_backbone: the pictures and the weights export."""
     backbone = None
     if args.show_attention or args.export_backbone:
-        backbone = encoder_from_args(args).backbone
-        path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
-        load_backbone(backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
+        backbone, _ = backbone_from_args(args, "--show_attention" if args.show_attention else "--export_backbone")
     if args.show_matching or args.show_attention:
         if not args.out:
             raise UserError("--show_matching and --show_attention need --out FILE.png")

@@ -853,6 +853,9 @@ class PWSelfLoss(nn.Module):
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.full(max(epochs - warmup_teacher_temp_epochs, 1), teacher_temp)])
 
+    def teacher_temp(self, epoch):
+        return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, matches, epoch):
         """student_cls, student_patch: per student view (globals first), head outputs (B, K) and
         (B, N_v, K); teacher_cls, teacher_patch: the same for the teacher's global views;
@@ -860,7 +863,7 @@ class PWSelfLoss(nn.Module):
         view i and student view v (none needed when patch_loss_weight is 0).
         Returns (total, image part, patch part). On several processes each rank averages its own
         terms, as DINO's loss does; PWSelfLossRows counts them over all ranks."""
-        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        temp = self.teacher_temp(epoch)
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
             q_cls = [F.softmax((t.float() - self.center_cls) / temp, dim=-1) for t in teacher_cls]
             q_patch = [F.softmax((t.float() - self.center_patch) / temp, dim=-1) for t in teacher_patch]
@@ -1063,7 +1066,7 @@ class PWSelfLossRows(PWSelfLoss):
         Returns (total, image part, patch part), the parts summing to the total. Leaves the
         teacher's entropies (see `entropies`) of this batch in self.teacher_entropy, float32 (4,):
         CLS rows, CLS mean, patch rows, patch mean."""
-        temp = float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        temp = self.teacher_temp(epoch)
         (s_cls, t_cls), P = pairs.n_cls, pairs.n_pairs
         world = dist.get_world_size() if _distributed() else 1
         with torch.no_grad():

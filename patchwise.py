@@ -1422,6 +1422,7 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
             gathered = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(gathered, t)
             out[i] = torch.cat(gathered)
+            del gathered  # at ImageNet scale each copy of the probe's features is gigabytes
     index = out.pop(2)
     ordered = [torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in out]
     for dst, src in zip(ordered, out):

@@ -74,7 +74,7 @@ DEFAULTS = dict(
     knn_every=0,  # k-NN only at the end: on ImageNet a k-NN pass costs minutes
     knn_k=(10, 20, 100, 200),  # DINO's k values; 20 is the headline
     linear_every=0,  # the linear probe only at the end, as the k-NN
-    linear_epochs=30,  # passes over the cached features (the demo: 100 gain 2 points in 3x the time)
+    linear_epochs=30,  # passes over the cached features (the demo: 100 gain 2 points, 3x the time)
     log_every=50,
 )
 PRESETS = {
@@ -100,7 +100,7 @@ PRESETS = {
     "folder": dict(knn_every=10),
 }
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
-# The linear probe's sweep: SGD learning rates on standardised features, and L2 penalties wd/2 |W|^2.
+# The linear probe's sweep: SGD learning rates on standardised features, L2 penalties wd/2 |W|^2.
 LINEAR_LRS, LINEAR_WDS = (1e-3, 1e-2, 1e-1, 1.0), (0.0, 1e-3, 1e-2)
 # --data folder fits its recipe to the images. Small ones (median short side up to SMALL_SIDE px:
 # digits, icons, CIFAR-sized crops) get the demo's model and 32/16 px views, since the ImageNet
@@ -200,101 +200,132 @@ def build_parser():
                    help="Data loader processes per rank. Each decodes and crops images only; all "
                         "colour work runs batched on the device.")
     d.add_argument("--max_bad_images", type=float, default=0.01,
-                   help="Fraction of unreadable images in an epoch above which the run stops; below "
-                        "it each is replaced by another image and reported.")
+                   help="Fraction of unreadable images in an epoch above which the run stops; "
+                        "below it each is replaced by another image and reported.")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default=None, choices=ARCHS, help="ViT size: tiny 192, small 384, base 768 dims.")
+    m.add_argument("--arch", default=None, choices=ARCHS,
+                   help="ViT size: tiny 192, small 384, base 768 dims.")
     m.add_argument("--patch_size", type=int, default=None, choices=(4, 8, 16),
                    help="ViT patch side in pixels; also the tile of the per-patch augmentation.")
     m.add_argument("--depth", type=int, default=None,
                    help="Number of transformer blocks. Fewer make a fast CPU demo.")
-    m.add_argument("--drop_path", type=float, default=None, help="Stochastic depth rate of the student.")
+    m.add_argument("--drop_path", type=float, default=None,
+                   help="Stochastic depth rate of the student.")
     m.add_argument("--out_dim", type=int, default=None,
-                   help="K, the head's output size. The head runs on the matched patch tokens, so K costs "
-                        "far more here than in DINO: 8192 for ImageNet, less for small sets.")
-    m.add_argument("--head_hidden_dim", type=int, default=None, help="Hidden width of the DINO head MLP.")
-    m.add_argument("--bottleneck_dim", type=int, default=None, help="Bottleneck before the last head layer.")
+                   help="K, the head's output size. The head runs on the matched patch tokens, so "
+                        "K costs far more here than in DINO: 8192 for ImageNet, less for small "
+                        "sets.")
+    m.add_argument("--head_hidden_dim", type=int, default=None,
+                   help="Hidden width of the DINO head MLP.")
+    m.add_argument("--bottleneck_dim", type=int, default=None,
+                   help="Bottleneck before the last head layer.")
     m.add_argument("--norm_last_layer", type=_bool, default=None,
                    help="Freeze the norm of the weight-normalised last layer (DINO: True for ViT-S "
                         "stability; False can learn better but needs care).")
     a = p.add_argument_group("augmentation and matching")
     a.add_argument("--global_size", type=int, default=None, help="Side of the 2 global views.")
     a.add_argument("--local_size", type=int, default=None, help="Side of the local views.")
-    a.add_argument("--n_local", type=int, default=None, help="Number of local views (0 is allowed).")
-    a.add_argument("--global_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, globals.")
-    a.add_argument("--local_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range, locals.")
+    a.add_argument("--n_local", type=int, default=None,
+                   help="Number of local views (0 is allowed).")
+    a.add_argument("--global_scale", type=float, nargs=2, default=None,
+                   help="RandomResizedCrop area range, globals.")
+    a.add_argument("--local_scale", type=float, nargs=2, default=None,
+                   help="RandomResizedCrop area range, locals.")
     a.add_argument("--blur_sigma", type=float, nargs=2, default=None,
-                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) was set for "
-                        "224 px views; small views may want less (0 0 turns blur off).")
+                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) was "
+                        "set for 224 px views; small views may want less (0 0 turns blur off).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
                    help="patch: every patch draws its own colour jitter and grayscale (PW-Self); "
                         "view: one draw per view (plain DINO, for ablations).")
     a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
-                   help="coords: match patches through the crop geometry, O(N) (PW-Self); similarity: "
-                        "each student patch takes the teacher patch of highest cosine similarity of "
-                        "backbone features, O(N^2 D), as EsViT/GTSA do (ablation).")
+                   help="coords: match patches through the crop geometry, O(N) (PW-Self); "
+                        "similarity: each student patch takes the teacher patch of highest cosine "
+                        "similarity of backbone features, O(N^2 D), as EsViT/GTSA do (ablation).")
     l = p.add_argument_group("loss")
-    l.add_argument("--patch_loss_weight", type=float, default=1.0, help="Weight of the patch loss; 0 is plain DINO.")
+    l.add_argument("--patch_loss_weight", type=float, default=1.0,
+                   help="Weight of the patch loss; 0 is plain DINO.")
     l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
-                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, the CLS and the "
-                        "matched patch terms averaged as one set of tokens (the public PW-Self code).")
+                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, the CLS and "
+                        "the matched patch terms averaged as one set of tokens (the public "
+                        "PW-Self code).")
     l.add_argument("--teacher_temp", type=float, default=None,
                    help="Final teacher temperature; above 0.07 DINO becomes unstable.")
-    l.add_argument("--warmup_teacher_temp", type=float, default=None, help="Initial teacher temperature.")
-    l.add_argument("--warmup_teacher_temp_epochs", type=int, default=None, help="Epochs of the linear temperature warm-up.")
+    l.add_argument("--warmup_teacher_temp", type=float, default=None,
+                   help="Initial teacher temperature.")
+    l.add_argument("--warmup_teacher_temp_epochs", type=int, default=None,
+                   help="Epochs of the linear temperature warm-up.")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=int, default=None, help="Global batch size, split evenly over ranks.")
+    o.add_argument("--batch_size", type=int, default=None,
+                   help="Global batch size, split evenly over ranks.")
     o.add_argument("--epochs", type=int, default=None, help="Training epochs.")
-    o.add_argument("--lr", type=float, default=None, help="Peak learning rate per 256 images (scaled linearly with the batch).")
-    o.add_argument("--min_lr", type=float, default=None, help="Learning rate at the end of the cosine schedule.")
-    o.add_argument("--warmup_epochs", type=int, default=None, help="Epochs of linear learning rate warm-up.")
-    o.add_argument("--weight_decay", type=float, default=None, help="Initial weight decay (cosine schedule).")
+    o.add_argument("--lr", type=float, default=None,
+                   help="Peak learning rate per 256 images (scaled linearly with the batch).")
+    o.add_argument("--min_lr", type=float, default=None,
+                   help="Learning rate at the end of the cosine schedule.")
+    o.add_argument("--warmup_epochs", type=int, default=None,
+                   help="Epochs of linear learning rate warm-up.")
+    o.add_argument("--weight_decay", type=float, default=None,
+                   help="Initial weight decay (cosine schedule).")
     o.add_argument("--weight_decay_end", type=float, default=None, help="Final weight decay.")
     o.add_argument("--momentum_teacher", type=float, default=None,
-                   help="Initial teacher EMA momentum, raised to 1 by a cosine; 0.9995 for small batches.")
-    o.add_argument("--clip_grad", type=float, default=None, help="Per-parameter gradient norm clip (0: off).")
+                   help="Initial teacher EMA momentum, raised to 1 by a cosine; 0.9995 for small "
+                        "batches.")
+    o.add_argument("--clip_grad", type=float, default=None,
+                   help="Per-parameter gradient norm clip (0: off).")
     o.add_argument("--freeze_last_layer", type=int, default=None,
-                   help="Epochs during which the head's last layer is kept fixed; helps early stability.")
-    o.add_argument("--seed", type=int, default=0, help="Seeds the model and every augmentation draw.")
+                   help="Epochs during which the head's last layer is kept fixed; helps early "
+                        "stability.")
+    o.add_argument("--seed", type=int, default=0,
+                   help="Seeds the model and every augmentation draw.")
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
     r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
     r.add_argument("--ckpt_every", type=int, default=0,
                    help="Also save the checkpoint every N iterations (0: only at epoch ends).")
     r.add_argument("--log_every", type=int, default=None, help="Console log period in iterations.")
-    r.add_argument("--knn_every", type=int, default=None, help="Run k-NN every N epochs (0: only at the end).")
-    r.add_argument("--knn_k", type=int, nargs="+", default=None, help="k values of the k-NN report; 20 is the headline.")
+    r.add_argument("--knn_every", type=int, default=None,
+                   help="Run k-NN every N epochs (0: only at the end).")
+    r.add_argument("--knn_k", type=int, nargs="+", default=None,
+                   help="k values of the k-NN report; 20 is the headline.")
     r.add_argument("--linear_every", type=int, default=None,
                    help="Run the linear probe every N epochs (0: only at the end).")
     r.add_argument("--linear_epochs", type=int, default=None,
-                   help="Linear probe (0: none): DINO's features of the frozen teacher (the CLS tokens of "
-                        "the last 4 blocks; ViT-B: the last block's CLS and mean patch token), extracted "
-                        "once from centre crops; a linear layer trained on them for this many epochs with "
-                        f"each lr of {LINEAR_LRS} and wd of {LINEAR_WDS}, the pair chosen on held-out "
-                        "training images.")
+                   help="Linear probe (0: none): DINO's features of the frozen teacher (the CLS "
+                        "tokens of the last 4 blocks; ViT-B: the last block's CLS and mean patch "
+                        "token), extracted once from centre crops; a linear layer trained on them "
+                        f"for this many epochs with each lr of {LINEAR_LRS} and wd of "
+                        f"{LINEAR_WDS}, the pair chosen on held-out training images.")
     r.add_argument("--eval_only", action="store_true",
-                   help="Only evaluate (k-NN and linear probe) the checkpoint in output_dir (or --pretrained).")
+                   help="Only evaluate (k-NN and linear probe) the checkpoint in output_dir (or "
+                        "--pretrained).")
     r.add_argument("--no_initial_knn", action="store_true",
-                   help="Skip the k-NN and linear probe of the randomly initialised teacher before training.")
+                   help="Skip the k-NN and linear probe of the randomly initialised teacher "
+                        "before training.")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and teacher for the training step (first steps are slow "
-                        "while it compiles).")
+                   help="torch.compile the student and teacher for the training step (first steps "
+                        "are slow while it compiles).")
     t = p.add_argument_group("weights and pictures")
     t.add_argument("--pretrained", default=None,
-                   help="Backbone weights to start from (or, with --eval_only, to evaluate): our checkpoints, "
-                        "DINO's full checkpoints or released backbones, timm ViT state dicts.")
+                   help="Backbone weights to start from (or, with --eval_only, to evaluate): our "
+                        "checkpoints, DINO's full checkpoints or released backbones, timm ViT "
+                        "state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
-                   help="Which network of a full checkpoint --pretrained, --eval_only and --export_backbone read.")
+                   help="Which network of a full checkpoint --pretrained, --eval_only and "
+                        "--export_backbone read.")
     t.add_argument("--trust_checkpoint", action="store_true",
-                   help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only for files you trust.")
+                   help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only "
+                        "for files you trust.")
     t.add_argument("--export_backbone", default=None, metavar="FILE",
-                   help="Write the teacher backbone of output_dir/checkpoint.pth (or --pretrained) in DINO's "
-                        "released layout, loadable by DINO's and timm's ViT with strict=True.")
+                   help="Write the teacher backbone of output_dir/checkpoint.pth (or "
+                        "--pretrained) in DINO's released layout, loadable by DINO's and timm's "
+                        "ViT with strict=True.")
     t.add_argument("--show_matching", default=None, metavar="IMAGE",
-                   help="Draw a teacher and a student view of IMAGE with their matched patches into --out.")
+                   help="Draw a teacher and a student view of IMAGE with their matched patches "
+                        "into --out.")
     t.add_argument("--show_attention", default=None, metavar="IMAGE",
-                   help="Draw the last block's CLS attention per head over IMAGE into --out (needs weights).")
+                   help="Draw the last block's CLS attention per head over IMAGE into --out "
+                        "(needs weights).")
     t.add_argument("--out", default=None, help="Output PNG of --show_matching / --show_attention.")
     return p
 
@@ -361,11 +392,13 @@ def check_args(args):
         size = getattr(args, name)
         if size % args.patch_size:
             raise UserError(f"--{name} {size} is not divisible by --patch_size {args.patch_size}; "
-                            f"use a multiple such as {size // args.patch_size * args.patch_size or args.patch_size}")
+                            "use a multiple such as "
+                            f"{size // args.patch_size * args.patch_size or args.patch_size}")
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; use a "
-                        f"multiple of {world} such as {max(world, args.batch_size // world * world)}")
+        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; "
+                        f"use a multiple of {world} such as "
+                        f"{max(world, args.batch_size // world * world)}")
 
 
 # Processes (torchrun): every later section asks these two.
@@ -410,7 +443,8 @@ class Attention(nn.Module):
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
             x = attn @ v
         else:
-            x = F.scaled_dot_product_attention(q, k, v)  # flash/memory-efficient kernel where available
+            # flash/memory-efficient kernel where available
+            x = F.scaled_dot_product_attention(q, k, v)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, H, N, C/H) -> (B, N, C)
         return (x, attn) if return_attention else x
 
@@ -465,8 +499,10 @@ def interpolate_pos_embed(pos_embed, grid):
     side = int(math.sqrt(n))
     assert side * side == n, f"position embedding of {n} patches is not a square grid"
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, gh*gw, D)
+    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic",
+                              align_corners=False)
+    # (1, gh*gw, D)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
@@ -491,7 +527,8 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks dropped more often
+        # deeper blocks dropped more often
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -558,7 +595,8 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     """MLP -> L2-normalised bottleneck -> weight-normalised linear layer to K outputs."""
 
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3, norm_last_layer=True):
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
+                 norm_last_layer=True):
         super().__init__()
         layers = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
         for _ in range(nlayers - 2):
@@ -579,7 +617,8 @@ class Encoder(nn.Module):
     so views of one size share one backbone call, and runs the head only on the tokens the loss
     uses: `rows` indexes the backbone's tokens flattened over resolutions in the order they come,
     (resolution, view, image, token) (see head_rows); None runs it on every token.
-    Returns the backbone tokens, one (B_r, 1 + N_r, D) per resolution, and the head outputs (M, K)."""
+    Returns the backbone tokens, one (B_r, 1 + N_r, D) per resolution, and the head outputs
+    (M, K)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -598,7 +637,8 @@ def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size
                   head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
     factory = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}[arch]
     backbone = factory(patch_size, drop_path, depth or 12, img_size)
-    head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
+    head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, bottleneck_dim,
+                    norm_last_layer=norm_last_layer)
     return Encoder(backbone, head)
 
 
@@ -628,12 +668,14 @@ def sample_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
     return (height - h) / 2, (width - w) / 2, h, w
 
 
-def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4, 1.0),
+                  local_scale=(0.05, 0.4)):
     """Cut 2 global and n_local local views out of a PIL RGB image: random resized crop, then a
     horizontal flip with p=0.5. Each view records where it came from, which is all the patch
     matching needs.
     Returns global views uint8 (2, 3, Sg, Sg), local views uint8 (n_local, 3, Sl, Sl),
-    box float32 (2 + n_local, 4) = (top, left, height, width) in original pixels, flip bool (2 + n_local,)."""
+    box float32 (2 + n_local, 4) = (top, left, height, width) in original pixels, flip bool
+    (2 + n_local,)."""
     width, height = img.size
     views, boxes, flips = [], [], []
     for v in range(2 + n_local):
@@ -641,14 +683,18 @@ def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4,
         top, left, h, w = sample_crop_box(rng, height, width, scale)
         flip = bool(rng.random() < 0.5)
         # One resampling from the original pixels: crop and resize in a single call, box in floats.
-        view = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        view = img.resize((size, size), Image.Resampling.BICUBIC,
+                          box=(left, top, left + w, top + h))
         if flip:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+        views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1))  # (3, H, W)
         boxes.append((top, left, h, w))
         flips.append(flip)
-    local = torch.stack(views[2:]) if n_local else torch.zeros(0, 3, local_size, local_size, dtype=torch.uint8)
-    return torch.stack(views[:2]), local, torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips)
+    local = torch.zeros(0, 3, local_size, local_size, dtype=torch.uint8)  # --n_local 0
+    if n_local:
+        local = torch.stack(views[2:])
+    box = torch.tensor(boxes, dtype=torch.float32)
+    return torch.stack(views[:2]), local, box, torch.tensor(flips)
 
 
 def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
@@ -667,7 +713,8 @@ def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=
                      -h + 2 * h * u[..., 4],
                      u[..., 5] < p_gray], axis=-1).astype(np.float32)
     u = rng.random((n_views, 3), dtype=np.float32)
-    sigma = np.where(u[:, 0] < np.asarray(p_blur), blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 1], 0.0)
+    sigma = np.where(u[:, 0] < np.asarray(p_blur),
+                     blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 1], 0.0)
     view = np.stack([sigma, u[:, 2] < np.asarray(p_solarize)], axis=-1).astype(np.float32)
     return torch.from_numpy(tile), torch.from_numpy(view)
 
@@ -689,12 +736,14 @@ def grayscale(x):
 
 
 def adjust_hue(x, shift):
-    """Rotate the hue of (B, 3, ...) RGB in [0, 1] by `shift` turns, broadcastable to (B, 1, ...)."""
+    """Rotate the hue of (B, 3, ...) RGB in [0, 1] by `shift` turns, broadcastable to
+    (B, 1, ...)."""
     r, g, b = x.unbind(1)
     maxc, minc = x.max(1).values, x.min(1).values
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))  # grey pixels have no hue
-    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(maxc == r, (g - b) / safe,
+                    torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
     h = (h / 6 + shift.squeeze(1)) % 1.0  # (B, ...), in turns
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
     # k = (n + 6 h) mod 6, and v s = max - min.
@@ -711,12 +760,14 @@ def color_jitter_tiles(x, tile):
     torchvision's random order per call; the parameters are what carry the randomness."""
     B, _, S, _ = x.shape
     g = math.isqrt(tile.shape[1])
-    assert g * g == tile.shape[1] and S % g == 0, f"{tile.shape[1]} tiles do not tile a {S}x{S} view"
+    assert g * g == tile.shape[1] and S % g == 0, f"{g * g} tiles do not tile a {S}x{S} view"
     q = S // g
     x = x.reshape(B, 3, g, q, g, q)  # (B, 3, gh, q, gw, q): tile (i, j) is x[:, :, i, :, j, :]
-    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)  # each (B, 1, g, 1, g, 1)
+    # each (B, 1, g, 1, g, 1)
+    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)
     y = (x * bright).clamp(0, 1)
-    mean = grayscale(y).mean(dim=(3, 5), keepdim=True)  # (B, 1, g, 1, g, 1): contrast pivots on the tile's own grey
+    # (B, 1, g, 1, g, 1): contrast pivots on the tile's own grey
+    mean = grayscale(y).mean(dim=(3, 5), keepdim=True)
     y = (contrast * y + (1 - contrast) * mean).clamp(0, 1)
     y = (sat * y + (1 - sat) * grayscale(y)).clamp(0, 1)
     y = adjust_hue(y, hue)
@@ -731,7 +782,8 @@ def gaussian_blur(x, sigma, radius=6):
     B, C, H, W = x.shape
     radius = min(radius, H - 1, W - 1)  # reflect padding needs it; 6 covers 3 sigma at sigma 2
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    w = torch.exp(-0.5 * (k / sigma.clamp_min(1e-3).unsqueeze(1)) ** 2)  # (B, 2r+1); a delta at sigma 0
+    # (B, 2r+1); a delta at sigma 0
+    w = torch.exp(-0.5 * (k / sigma.clamp_min(1e-3).unsqueeze(1)) ** 2)
     w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r+1)
     y = F.pad(x.reshape(1, B * C, H, W), (radius,) * 4, mode="reflect")
     y = F.conv2d(y, w[:, None, :, None], groups=B * C)  # vertical pass
@@ -776,7 +828,8 @@ def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
     B = s_box.shape[0]
     gs, gt = s_size // patch_size, t_size // patch_size
     centre = (torch.arange(gs, device=s_box.device, dtype=s_box.dtype) + 0.5) * patch_size  # (gs,)
-    u = centre.view(1, 1, gs).expand(B, gs, gs)  # x of the patch centres in student-view pixels, (B, gs, gs)
+    # x of the patch centres in student-view pixels, (B, gs, gs)
+    u = centre.view(1, 1, gs).expand(B, gs, gs)
     v = centre.view(1, gs, 1).expand(B, gs, gs)  # y
     u = torch.where(s_flip.view(B, 1, 1), s_size - u, u)  # the view was mirrored after cropping
     s_top, s_left, s_h, s_w = s_box.view(B, 4, 1, 1).unbind(1)  # each (B, 1, 1)
@@ -796,7 +849,8 @@ def match_by_similarity(t_feats, s_feats):
     """The ablation: each student patch takes the teacher patch of highest cosine similarity of
     backbone features (EsViT/GTSA style), O(N_s N_t D). t_feats (B, N_t, D), s_feats (B, N_s, D).
     Returns index (B, N_s) and valid (B, N_s), all True."""
-    sim = F.normalize(s_feats.float(), dim=-1) @ F.normalize(t_feats.float(), dim=-1).transpose(1, 2)  # (B, N_s, N_t)
+    s, t = F.normalize(s_feats.float(), dim=-1), F.normalize(t_feats.float(), dim=-1)
+    sim = s @ t.transpose(1, 2)  # (B, N_s, N_t)
     index = sim.argmax(dim=-1)
     return index, torch.ones_like(index, dtype=torch.bool)
 
@@ -811,18 +865,23 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
     Returns {(i, v): (index (B, N_v), valid (B, N_v))}."""
     B, V = len(box if t_feats is None else t_feats[0]), len(sizes)
     matches = {}
+
+    def pair_major(x, views):  # (B, V, ...) -> (P B, ...): the views' images, pair after pair
+        return x[:, views].transpose(0, 1).flatten(0, 1)
     for students in (range(n_global), range(n_global, V)):  # one student resolution at a time
         pairs = [(i, v) for i in range(n_global) for v in students if v != i]
         if not pairs:
             continue
         t, s = [i for i, _ in pairs], [v for _, v in pairs]
         if t_feats is None:
-            index, valid = match_patches(box[:, t].transpose(0, 1).flatten(0, 1), flip[:, t].T.flatten(), sizes[0],
-                                         box[:, s].transpose(0, 1).flatten(0, 1), flip[:, s].T.flatten(),
-                                         sizes[s[0]], patch_size)  # (P B, N_s) each
+            index, valid = match_patches(pair_major(box, t), pair_major(flip, t), sizes[0],
+                                         pair_major(box, s), pair_major(flip, s), sizes[s[0]],
+                                         patch_size)  # (P B, N_s) each
         else:
-            index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]), torch.cat([s_feats[v] for v in s]))
-        for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1), valid.view(len(pairs), B, -1)):
+            index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]),
+                                               torch.cat([s_feats[v] for v in s]))
+        for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1),
+                                  valid.view(len(pairs), B, -1)):
             matches[pair] = (idx, val)  # (B, N_s) each
     return matches
 
@@ -866,7 +925,8 @@ class PWSelfLoss(nn.Module):
         temp = self.teacher_temp(epoch)
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
             q_cls = [F.softmax((t.float() - self.center_cls) / temp, dim=-1) for t in teacher_cls]
-            q_patch = [F.softmax((t.float() - self.center_patch) / temp, dim=-1) for t in teacher_patch]
+            q_patch = [F.softmax((t.float() - self.center_patch) / temp, dim=-1)
+                       for t in teacher_patch]
         hits = [torch.zeros(t.shape[:2], dtype=torch.long, device=t.device) for t in teacher_patch]
         loss_image = loss_patch = torch.zeros((), device=teacher_cls[0].device)
         n_pairs = 0
@@ -881,7 +941,8 @@ class PWSelfLoss(nn.Module):
                 if self.patch_loss_weight > 0:
                     index, valid = matches[i, v]  # (B, N_v) each
                     K = q_patch[i].shape[-1]
-                    target = q_patch[i].gather(1, index.unsqueeze(-1).expand(-1, -1, K))  # (B, N_v, K)
+                    # (B, N_v, K)
+                    target = q_patch[i].gather(1, index.unsqueeze(-1).expand(-1, -1, K))
                     logp = F.log_softmax(student_patch[v].float() / self.student_temp, dim=-1)
                     patch = (-(target * logp).sum(-1) * valid).sum()  # invalid matches add 0
                     n_patch = valid.sum()
@@ -893,7 +954,8 @@ class PWSelfLoss(nn.Module):
                     loss_image = loss_image + image / (n_image + n_patch)
                     loss_patch = loss_patch + self.patch_loss_weight * patch / (n_image + n_patch)
         loss_image, loss_patch = loss_image / n_pairs, loss_patch / n_pairs
-        used = [t[h > 0] for t, h in zip(teacher_patch, hits)]  # (M_p, K): the patches the loss read
+        # (M_p, K): the patches the loss read
+        used = [t[h > 0] for t, h in zip(teacher_patch, hits)]
         self.update_center(torch.cat(teacher_cls), torch.cat(used) if used else teacher_cls[0][:0])
         return loss_image + loss_patch, loss_image, loss_patch
 
@@ -901,7 +963,8 @@ class PWSelfLoss(nn.Module):
     def update_center(self, cls, patch):
         """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
         outputs apart; the patch mean is over the teacher patches the loss read."""
-        n = [torch.full((1,), float(len(x)), device=cls.device) for x in (cls, patch)]  # no host sync
+        # no host sync
+        n = [torch.full((1,), float(len(x)), device=cls.device) for x in (cls, patch)]
         stats = torch.cat([cls.sum(0, dtype=torch.float32), patch.sum(0, dtype=torch.float32), *n])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
@@ -936,11 +999,12 @@ def head_rows(n_tokens, B, keep=None, device="cpu"):
     or None for every patch.
     Returns rows long (M,) and, per view, each position's row, long (B, 1 + N_v), -1 if not kept."""
     start = np.cumsum([0] + [B * n for n in n_tokens])
-    pos = [start[v] + torch.arange(B * n, device=device).view(B, n) for v, n in enumerate(n_tokens)]  # (B, 1 + N_v)
+    # (B, 1 + N_v)
+    pos = [start[v] + torch.arange(B * n, device=device).view(B, n) for v, n in enumerate(n_tokens)]
     cls = torch.cat([p[:, 0] for p in pos])  # (V B,)
     if keep is None:
         patch = torch.cat([p[:, 1:].flatten() for p in pos])
-    else:  # a boolean mask: on the host, where the geometry is, its size is known without a device sync
+    else:  # a boolean mask: on the host, with the geometry, its size is known without a device sync
         patch = torch.cat([p[:, 1:][k] for p, k in zip(pos, keep)])
     rows = torch.cat([cls, patch])  # (M,)
     row_of = torch.full((int(start[-1]),), -1, dtype=torch.long, device=device)
@@ -948,13 +1012,14 @@ def head_rows(n_tokens, B, keep=None, device="cpu"):
     return rows, [row_of[p] for p in pos]
 
 
-TokenPairs = collections.namedtuple("TokenPairs", "student_rows teacher_rows target group n_pairs n_cls")
-TokenPairs.__doc__ = """The tokens the loss uses and which teacher token each student token learns from.
-student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows), CLS tokens first;
-target long (M_s, G): for each student row and teacher view i, the teacher row it learns from;
-group long (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches of pair k
-(pairs in the order (i, v) for i < G, v != i), 2 n_pairs where there is no term (v = i, or no match);
-n_cls: the number of CLS rows of the student and of the teacher, (V B, G B)."""
+TokenPairs = collections.namedtuple("TokenPairs",
+                                    "student_rows teacher_rows target group n_pairs n_cls")
+TokenPairs.__doc__ = """The tokens the loss uses and which teacher token each student token learns
+from. student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows), CLS
+tokens first; target long (M_s, G): for each student row and teacher view i, the teacher row it
+learns from; group long (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches
+of pair k (pairs in the order (i, v) for i < G, v != i), 2 n_pairs where there is no term (v = i,
+or no match); n_cls: the number of CLS rows of the student and of the teacher, (V B, G B)."""
 
 
 def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
@@ -971,12 +1036,14 @@ def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
     b = torch.arange(B, device=device).view(B, 1)
     # Per student view, position-indexed: the teacher token (view i, image b, token t) each token
     # learns from, as an index i B (1 + N_t) + b (1 + N_t) + t into the teacher's positions.
-    target = [torch.zeros(B, n, G, dtype=torch.long, device=device) for n in n_tokens]  # (B, 1 + N_v, G)
+    # (B, 1 + N_v, G)
+    target = [torch.zeros(B, n, G, dtype=torch.long, device=device) for n in n_tokens]
     group = [torch.full((B, n, G), none, dtype=torch.long, device=device) for n in n_tokens]
     s_keep = [torch.zeros(B, n - 1, dtype=torch.bool, device=device) for n in n_tokens]  # (B, N_v)
     t_hits = torch.zeros(G, B, n_tokens[0] - 1, dtype=torch.long, device=device)  # (G, B, N_t)
     for k, (i, v) in enumerate(pairs):
-        first = (i * B + b) * n_tokens[0]  # teacher position of image b's CLS token in view i, (B, 1)
+        # teacher position of image b's CLS token in view i, (B, 1)
+        first = (i * B + b) * n_tokens[0]
         target[v][:, :1, i], group[v][:, :1, i] = first, 2 * k
         if patches:
             index, valid = matches[i, v]  # (B, N_v) each
@@ -987,11 +1054,14 @@ def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
     if patches and not compact:
         s_keep, t_hits = None, None
     student_rows, _ = head_rows(n_tokens, B, s_keep, device)  # plain DINO: no patch kept
-    teacher_rows, t_row_of = head_rows(n_tokens[:1] * G, B, None if t_hits is None else list(t_hits > 0), device)
+    teacher_rows, t_row_of = head_rows(n_tokens[:1] * G, B,
+                                       None if t_hits is None else list(t_hits > 0), device)
     t_row_of = torch.cat([r.flatten() for r in t_row_of])  # teacher position -> row
-    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]  # (M_s, G) teacher positions
+    # (M_s, G) teacher positions
+    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]
     group = torch.cat([g.flatten(0, 1) for g in group])[student_rows]  # (M_s, G)
-    target = torch.where(group < none, t_row_of[target], 0)  # rows; an unused position points nowhere
+    # rows; an unused position points nowhere
+    target = torch.where(group < none, t_row_of[target], 0)
     return TokenPairs(student_rows, teacher_rows, target, group, len(pairs), (V * B, G * B))
 
 
@@ -1032,7 +1102,8 @@ class SoftCrossEntropy(torch.autograd.Function):
             p = F.softmax(s[rows].to(ctx.wide) / ctx.temp, dim=-1)  # (C, K)
             # d ce / d s = (sum_k t_k * softmax(s / T) - t) / T, where sum_k t_k is the sum of the
             # weights, each row of q summing to 1.
-            g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(mix_targets(q, target[rows], weight[rows]))
+            t = mix_targets(q, target[rows], weight[rows])
+            g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(t)
             grad_s[rows] = g.mul_(grad[rows, None] / ctx.temp)
         return grad_s, None, None, None, None
 
@@ -1061,8 +1132,8 @@ class PWSelfLossRows(PWSelfLoss):
     normalisers counted over all ranks so the loss is that of the global batch."""
 
     def forward(self, student_out, teacher_out, pairs, epoch):
-        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the student and teacher rows of
-        `pairs` (a TokenPairs, from token_pairs), CLS tokens first.
+        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the student and teacher
+        rows of `pairs` (a TokenPairs, from token_pairs), CLS tokens first.
         Returns (total, image part, patch part), the parts summing to the total. Leaves the
         teacher's entropies (see `entropies`) of this batch in self.teacher_entropy, float32 (4,):
         CLS rows, CLS mean, patch rows, patch mean."""
@@ -1087,12 +1158,15 @@ class PWSelfLossRows(PWSelfLoss):
                 0, pairs.group.flatten(), torch.ones(pairs.group.numel(), device=q.device))
             n = all_reduce_sum(n[:-1]).view(P, 2)  # (pair, CLS / patches)
             if self.loss_weighting == "sum":
-                w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)  # no match: adds 0
+                # no match: adds 0
+                w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)
             else:  # token_mean: CLS and patch tokens of a pair averaged as one set
                 total = n.sum(1)
                 w = torch.stack([1.0 / total, self.patch_loss_weight / total], 1)
-            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,): per group, 0 for none
-        ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)  # (M_s,)
+            # (2 P + 1,): per group, 0 for none
+            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])
+        # (M_s,)
+        ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)
         loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
         self.update_center(teacher_out[:t_cls], teacher_out[t_cls:])
         return loss_image + loss_patch, loss_image, loss_patch
@@ -1107,7 +1181,8 @@ SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "horizontal s
 
 
 # Foreground and background colours of the synthetic set: red, green, blue, yellow.
-SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235, 200, 40]], dtype=np.float64)
+SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235, 200, 40]],
+                             dtype=np.float64)
 
 
 def make_synthetic_shapes(n, size=32, seed=0):
@@ -1143,7 +1218,8 @@ def make_synthetic_shapes(n, size=32, seed=0):
         ((np.abs(dx - dy) < arm) | (np.abs(dx + dy) < arm)) & (box < r),
     ])  # (10, n, S, S)
     mask = masks[labels, np.arange(n)][..., None]  # (n, S, S, 1)
-    pair = rng.permuted(np.tile(np.arange(len(SYNTHETIC_PALETTE)), (n, 1)), axis=1)[:, :2]  # two distinct colours
+    # two distinct colours
+    pair = rng.permuted(np.tile(np.arange(len(SYNTHETIC_PALETTE)), (n, 1)), axis=1)[:, :2]
     fg = SYNTHETIC_PALETTE[pair[:, 0]].reshape(n, 1, 1, 3)
     bg = SYNTHETIC_PALETTE[pair[:, 1]].reshape(n, 1, 1, 3)
     images = np.where(mask, fg, bg) + rng.normal(0, 8, (n, size, size, 3))
@@ -1186,7 +1262,8 @@ IMAGENET100_CLASSES = (
 
 def load_image(path):
     """Any image file as 8-bit RGB. Grayscale, palette, RGBA and CMYK are converted by PIL; 16-bit
-    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates them)."""
+    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates
+    them)."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # decode now, so a truncated file fails here and not mid-augmentation
@@ -1209,11 +1286,13 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
             train = torchvision.datasets.CIFAR10(data_path, train=True, download=download)
             val = torchvision.datasets.CIFAR10(data_path, train=False, download=download)
         except RuntimeError:
-            raise UserError(f"CIFAR-10 not found under --data_path {data_path}; add --download or point "
-                            f"--data_path at the folder holding cifar-10-batches-py") from None
+            raise UserError(f"CIFAR-10 not found under --data_path {data_path}; add --download or "
+                            "point --data_path at the folder holding "
+                            "cifar-10-batches-py") from None
         return train, val, 10
     if not os.path.isdir(data_path):
-        raise UserError(f"--data_path {data_path} does not exist; point it at the folder holding train/ and val/")
+        raise UserError(f"--data_path {data_path} does not exist; point it at the folder holding "
+                        "train/ and val/")
     classes = None  # every sub-folder is a class
     if data == "in100":
         classes = sorted(IMAGENET100_CLASSES)
@@ -1239,7 +1318,8 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
-            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ ImageFolders")
+            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ "
+                            "ImageFolders")
         try:
             splits.append(Folder(root, loader=load_image))
         except FileNotFoundError as e:
@@ -1262,9 +1342,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
     as EpochSampler yields, so every draw comes from a generator seeded by (seed, epoch, index).
     A worker only decodes, crops, resizes and flips; the colour work waits for the device."""
 
-    def __init__(self, base, seed, global_size, local_size, n_local, patch_size, photometric="patch",
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur_sigma=(0.1, 2.0)):
-        self.base, self.seed, self.photometric, self.blur_sigma = base, seed, photometric, blur_sigma
+    def __init__(self, base, seed, global_size, local_size, n_local, patch_size,
+                 photometric="patch", global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
+                 blur_sigma=(0.1, 2.0)):
+        self.base, self.seed, self.photometric = base, seed, photometric
+        self.blur_sigma = blur_sigma
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.patch_size, self.global_scale, self.local_scale = patch_size, global_scale, local_scale
 
@@ -1282,21 +1364,26 @@ class MultiViewDataset(torch.utils.data.Dataset):
             except UNREADABLE as e:
                 # Report it, and train on another image drawn from this sample's own generator,
                 # so the replacement too is the same on every run.
-                print(f"patchwise: warning: skipping unreadable image {describe(self.base, index)} ({e})",
-                      file=sys.stderr)
+                print(f"patchwise: warning: skipping unreadable image {describe(self.base, index)} "
+                      f"({e})", file=sys.stderr)
                 bad += 1
                 index = int(rng.integers(len(self.base)))
-        glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size, self.local_size,
+        glob, local, box, flip = spatial_views(img.convert("RGB"), rng,
+                                               self.global_size, self.local_size,
                                                self.n_local, self.global_scale, self.local_scale)
-        tiles = (lambda size: (size // self.patch_size) ** 2) if self.photometric == "patch" else (lambda size: 1)
+        def tiles(size):  # photometric draws per view: one per patch, or one for the whole view
+            return (size // self.patch_size) ** 2 if self.photometric == "patch" else 1
         # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
         # time on locals; solarization on global 2 only.
-        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size), [1.0, 0.1], [0.0, 0.2],
+        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size),
+                                                 [1.0, 0.1], [0.0, 0.2],
                                                  blur_sigma=self.blur_sigma)
-        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles(self.local_size), 0.5, 0.0,
+        tile_l, view_l = draw_photometric_params(rng, self.n_local,
+                                                 tiles(self.local_size), 0.5, 0.0,
                                                  blur_sigma=self.blur_sigma)
         return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
-                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label, bad=bad)
+                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label,
+                    bad=bad)
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -1305,7 +1392,8 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     union of the ranks' k-th batches is the same global batch whatever the world size."""
 
     def __init__(self, dataset, num_replicas, rank, seed, batch_size):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=True)
         self.batch_size, self.start = batch_size, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -1333,9 +1421,10 @@ class EvalDataset(torch.utils.data.Dataset):
         try:
             img, label = self.base[index]
         except UNREADABLE as e:  # k-NN still needs a row for it: a black image, reported
-            print(f"patchwise: warning: unreadable image {describe(self.base, index)} ({e}); k-NN uses a "
-                  f"black image in its place", file=sys.stderr)
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.base.targets[index], index
+            print(f"patchwise: warning: unreadable image {describe(self.base, index)} ({e}); k-NN "
+                  "uses a black image in its place", file=sys.stderr)
+            black = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return black, self.base.targets[index], index
         img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
                                        interpolation=TF.InterpolationMode.BICUBIC), self.size)
         return TF.pil_to_tensor(img), label, index
@@ -1351,7 +1440,8 @@ def format_time(seconds):
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None):
+def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
+                 T=0.07, num_classes=None):
     """Weighted k-NN: the k most cosine-similar train images vote for their label with weight
     exp(similarity / T). Features must be L2-normalised, (N, D). Test images go in chunks sized so
     that the (chunk, N_train) similarity matrix stays near 2^27 floats, so ImageNet-1K
@@ -1396,16 +1486,20 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
     gathered so that every rank ends with all of them, in the dataset's order."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         generator=torch.Generator())  # leaves the global RNG to drop path
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers,
+                                         # leaves the global RNG to drop path
+                                         generator=torch.Generator())
     was_training = backbone.training
     backbone.eval()
     out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
     start = last_report = time.time()
     for b, (x, y, idx) in enumerate(loader):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            blocks = backbone.get_intermediate_layers(normalize(x.to(device, non_blocking=True).float() / 255),
-                                                      linear[0] if linear else 1)  # n x (B, 1 + N, D)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                            enabled=amp_dtype is not None):
+            x = normalize(x.to(device, non_blocking=True).float() / 255)
+            n_blocks = linear[0] if linear else 1
+            blocks = backbone.get_intermediate_layers(x, n_blocks)  # n_blocks x (B, 1 + N, D)
         out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
         out[1].append(y.to(device))
         out[2].append(idx.to(device))
@@ -1413,8 +1507,8 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
             out[3].append(linear_features(blocks, linear[1]).half())
         if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
             last_report = time.time()
-            log(f"  features {b + 1}/{len(loader)} batches, ETA "
-                f"{format_time((last_report - start) / (b + 1) * (len(loader) - b - 1))}", flush=True)
+            eta = (last_report - start) / (b + 1) * (len(loader) - b - 1)
+            log(f"  features {b + 1}/{len(loader)} batches, ETA {format_time(eta)}", flush=True)
     backbone.train(was_training)
     out = [torch.cat(t) for t in out if t]
     if world > 1:  # DistributedSampler pads, so every rank holds the same count
@@ -1439,7 +1533,8 @@ def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, lo
     out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
     Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
     N, P, device = len(x), len(lrs), x.device
-    chunks = lambda: (x[i:i + 65536].float() for i in range(0, N, 65536))  # noqa: E731 no float32 copy of x
+    def chunks():  # x in float32 a slice at a time, never all of it at once
+        return (x[i:i + 65536].float() for i in range(0, N, 65536))
     mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
     std = (sum(((c - mean) ** 2).sum(dim=0) for c in chunks()) / N).sqrt().clamp_min(1e-6)
     lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(P, 1, 1)
@@ -1479,7 +1574,8 @@ def linear_accuracy(x, y, W, b):
     top1 = torch.zeros(len(W), device=x.device)
     top5 = torch.zeros(len(W), device=x.device)
     for i in range(0, len(x), 16384):
-        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices  # (P, c, 5)
+        # (P, c, 5)
+        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices
         hit = pred == y[i:i + 16384].view(1, -1, 1)
         top1 += hit[..., 0].sum(dim=1)
         top5 += hit.any(dim=-1).sum(dim=1)
@@ -1487,7 +1583,8 @@ def linear_accuracy(x, y, W, b):
     return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
 
 
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS, wds=LINEAR_WDS,
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30,
+                 lrs=LINEAR_LRS, wds=LINEAR_WDS,
                  holdout=0.1, max_sweep=100_000, seed=0, log=None):
     """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
     a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
@@ -1499,36 +1596,42 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LIN
     n_held = min(max(1, int(holdout * len(train_x))), 10_000)
     held, fit = order[:n_held], order[n_held:n_held + max_sweep]
     grid = [(lr, wd) for lr in lrs for wd in wds]
-    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid), epochs, seed=seed, log=log)
+    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid),
+                        epochs, seed=seed, log=log)
     lr, wd = grid[int(linear_accuracy(train_x[held], train_y[held], W, b)[0].argmax())]
     W, b = train_linear(train_x, train_y, num_classes, [lr], [wd], epochs, seed=seed, log=log)
     top1, top5 = linear_accuracy(val_x, val_y, W, b)
     return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
 
 
-def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,), linear_epochs=30,
+def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label,
+                      ks=(20,), linear_epochs=30,
                       batch_size=256, num_workers=0, amp_dtype=None, seed=0, log=print):
     """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
     EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
     'linear_top1': ...}."""
     protocol = linear_protocol(backbone) if linear_epochs else None
-    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device, num_workers, amp_dtype,
+    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device,
+                                                 num_workers, amp_dtype,
                                                  log, protocol)
-    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device, num_workers, amp_dtype, log,
+    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device,
+                                           num_workers, amp_dtype, log,
                                            protocol)
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     results = {}
     for k in ks:
-        results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = knn_classify(train_f, train_y, val_f, val_y, k,
-                                                                            num_classes=num_classes)
+        top1, top5 = knn_classify(train_f, train_y, val_f, val_y, k, num_classes=num_classes)
+        results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = top1, top5
     log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 "
-                                             f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks), flush=True)
+                                             f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks),
+        flush=True)
     if linear_epochs:
-        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs, seed=seed,
-                                    log=log))
-        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr {results['linear_lr']:g} and wd "
-            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
-            f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
+        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs,
+                                    seed=seed, log=log))
+        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr "
+            f"{results['linear_lr']:g} and wd {results['linear_wd']:g} chosen on held-out training "
+            f"images): top-1 {results['linear_top1']:.2f}% top-5 "
+            f"{results['linear_top5']:.2f}%", flush=True)
     return results
 
 
@@ -1568,24 +1671,27 @@ def read_weights(path, trust=False):
                         f"patchwise or DINO checkpoint, a DINO backbone or a timm ViT state dict")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # the safe unpickler's refusal (its exception type differs across torch versions)
-        if trust or "weights_only" not in str(e).lower() and "unsupported global" not in str(e).lower():
-            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is truncated or not a "
-                            f"checkpoint; pass another file (for --resume, an earlier run's output_dir)") from None
-        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints keep their "
-                        f"args that way); if you trust the file, add --trust_checkpoint") from None
+    except Exception as e:  # the safe unpickler's refusal (its type differs across torch versions)
+        words = str(e).lower()
+        if trust or "weights_only" not in words and "unsupported global" not in words:
+            raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is "
+                            "truncated or not a checkpoint; pass another file (for --resume, an "
+                            "earlier run's output_dir)") from None
+        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints "
+                        "keep their args that way); if you trust the file, add "
+                        "--trust_checkpoint") from None
 
 
 def check_same_architecture(saved, args, path):
     diff = [f"{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in ARCH_KEYS
             if saved.get(k) != getattr(args, k)]
     if diff:
-        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's flags or "
-                        f"another --output_dir")
+        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's "
+                        "flags or another --output_dir")
 
 
 def backbone_state_dict(state, key="teacher"):
-    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight, ...):
+    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight):
     our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
     'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
     classifier 'head.*' is dropped). `key` picks the teacher or the student of a full checkpoint."""
@@ -1596,7 +1702,7 @@ def backbone_state_dict(state, key="teacher"):
     out = {}
     for k, v in state.items():
         k = k.removeprefix("module.")
-        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head or timm's classifier
+        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's head or timm's classifier
             out[k.removeprefix("backbone.")] = v
     return out
 
@@ -1607,17 +1713,22 @@ def load_backbone(backbone, state, source, key="teacher"):
     state = backbone_state_dict(state, key)
     own = backbone.state_dict()
     pos = state.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+    own_pos = own["pos_embed"].shape
+    if pos is not None and pos.shape != own_pos and pos.shape[-1] == own_pos[-1]:
         side = math.isqrt(own["pos_embed"].shape[1] - 1)
         state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
     problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
                 for k in own if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing", sorted(set(own) - set(state))), ("unexpected", sorted(set(state) - set(own)))):
+    for label, keys in (("missing", sorted(set(own) - set(state))),
+                        ("unexpected", sorted(set(state) - set(own)))):
         if keys:
-            problems.append(f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else ""))
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{label} {', '.join(keys[:3])}{more}")
     if problems:
-        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim {backbone.embed_dim}, patch "
-                        f"{backbone.patch_size}): {'; '.join(problems[:4])}; set --arch, --patch_size and --depth to the file's")
+        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim "
+                        f"{backbone.embed_dim}, patch {backbone.patch_size}): "
+                        f"{'; '.join(problems[:4])}; set --arch, --patch_size and --depth to "
+                        "the file's")
     backbone.load_state_dict(state, strict=True)
 
 
@@ -1672,15 +1783,18 @@ def prepare_views(batch, device):
             return None
         x = batch[key].to(device, non_blocking=True)  # (B, n, 3, S, S) uint8
         tile = batch[tile_key].to(device, non_blocking=True)  # (B, n, G, 6)
-        return photometric_augment(x.transpose(0, 1).flatten(0, 1), tile.transpose(0, 1).flatten(0, 1),
+        return photometric_augment(x.transpose(0, 1).flatten(0, 1),
+                                   tile.transpose(0, 1).flatten(0, 1),
                                    params.transpose(0, 1).flatten(0, 1))  # (n B, 3, S, S)
     params = batch["view_params"].to(device, non_blocking=True)  # (B, V, 2)
     G = batch["global_views"].shape[1]
-    return views("global_views", "tile_global", params[:, :G]), views("local_views", "tile_local", params[:, G:])
+    glob = views("global_views", "tile_global", params[:, :G])
+    return glob, views("local_views", "tile_local", params[:, G:])
 
 
 def to_device(x, device):
-    """A host tensor onto the device without making the host wait: pinned, then copied asynchronously."""
+    """A host tensor onto the device without making the host wait: pinned, then copied
+    asynchronously."""
     if device.type == "cuda" and x.device.type == "cpu":
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
@@ -1702,7 +1816,8 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     n_tokens = [1 + (s // patch_size) ** 2 for s in sizes]
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights (param_groups)
+    # group 0 holds the decayed weights (param_groups)
+    optimizer.param_groups[0]["weight_decay"] = wd
 
     if by_coords:
         # Geometry alone decides the matches, so they are found where the batch's geometry is (the
@@ -1715,13 +1830,16 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     else:  # similarity matching needs the features: the heads run on every token
         s_rows = to_device(head_rows(n_tokens, B)[0], device)
         t_rows = to_device(head_rows(n_tokens[:G], B)[0], device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
         with torch.no_grad():
-            t_tokens, teacher_out = teacher([glob], t_rows)  # the teacher sees only the global views; (M_t, K)
+            # the teacher sees only the global views; (M_t, K)
+            t_tokens, teacher_out = teacher([glob], t_rows)
         s_tokens, student_out = student([glob, local] if L else [glob], s_rows)  # (M_s, K)
     if not by_coords:
         t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
-        s_feats = s_tokens[0][:, 1:].detach().chunk(G) + (s_tokens[1][:, 1:].detach().chunk(L) if L else ())
+        s_feats = s_tokens[0][:, 1:].detach().chunk(G)  # then L x (B, N_l, D)
+        s_feats += s_tokens[1][:, 1:].detach().chunk(L) if L else ()
         matches = match_views(None, None, sizes, patch_size, G, t_feats, s_feats)
         pairs = token_pairs(matches, n_tokens, B, G, compact=False)
     loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, pairs, epoch)
@@ -1730,7 +1848,7 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     loss.backward()
     if clip_grad:
         clip_gradients(student.parameters(), clip_grad)
-    if freeze_last_layer:  # DINO: a fixed last layer for the first epoch keeps early training stable
+    if freeze_last_layer:  # DINO: a fixed last layer in the first epoch keeps early training stable
         for p in unwrap(student).head.last_layer.parameters():
             p.grad = None
     optimizer.step()
@@ -1745,10 +1863,12 @@ def setup_distributed(device_arg=None):
     Returns (rank, world size, device)."""
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu or drop the flag")
+        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu or drop "
+                        "the flag")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1 and not _distributed():
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -1762,11 +1882,13 @@ def prepare_output_dir(path):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose a folder you can write to") from None
+        raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose a folder you "
+                        "can write to") from None
 
 
 def encoder_from_args(args, drop_path=0.0):
-    return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path, args.depth, args.global_size,
+    return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path,
+                         args.depth, args.global_size,
                          args.head_hidden_dim, args.bottleneck_dim, args.norm_last_layer)
 
 
@@ -1777,8 +1899,8 @@ def backbone_from_args(args, flag):
     backbone = encoder_from_args(args).backbone
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
     if not args.pretrained and not os.path.exists(path):
-        raise UserError(f"{flag}: no checkpoint at {path}; point --output_dir at a training run or pass "
-                        f"--pretrained")
+        raise UserError(f"{flag}: no checkpoint at {path}; point --output_dir at a training run or "
+                        "pass --pretrained")
     state = read_weights(path, args.trust_checkpoint)
     if not args.pretrained:
         check_same_architecture(state["args"], args, path)
@@ -1834,13 +1956,14 @@ def stop_if_not_finite(first_bad, model, step, iters, ckpt_path, weights_too=Fal
     device once, so the loop calls it only when it logs or saves. The loss lags the weights by one
     step, so before a save the weights are checked too."""
     if weights_too and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        raise UserError(f"the weights became non-finite at iteration {step} (epoch {step // iters + 1}); "
-                        f"{ckpt_path} holds the last good state; lower --lr or --teacher_temp and resume "
-                        f"with --resume")
+        raise UserError(f"the weights became non-finite at iteration {step} (epoch "
+                        f"{step // iters + 1}); {ckpt_path} holds the last good state; lower --lr "
+                        "or --teacher_temp and resume with --resume")
     bad = int(first_bad.item())
     if bad >= 0:
-        raise UserError(f"the loss became non-finite at iteration {bad} (epoch {bad // iters + 1}); {ckpt_path} "
-                        f"holds the last good state; lower --lr or --teacher_temp and resume with --resume")
+        raise UserError(f"the loss became non-finite at iteration {bad} (epoch "
+                        f"{bad // iters + 1}); {ckpt_path} holds the last good state; lower --lr "
+                        "or --teacher_temp and resume with --resume")
 
 
 class Progress:
@@ -1864,7 +1987,8 @@ class Progress:
     def add(self, losses):
         self.epoch_sum += losses
         self.window_sum += losses
-        self.image_range = torch.stack([self.image_range[0].minimum(losses[1]), self.image_range[1].maximum(losses[1])])
+        low, high = self.image_range
+        self.image_range = torch.stack([low.minimum(losses[1]), high.maximum(losses[1])])
 
     def window(self, it, step):
         """The mean over ranks of the window's outputs (7,), its images/s and the run's ETA in
@@ -1889,12 +2013,15 @@ def build_models(args, device, rank, world):
     """Student and teacher, equal at the start (DINO), the student wrapped in DDP across ranks;
     and the two modules the step calls (compiled with --compile; the teacher stays the plain module
     for EMA, evaluation and checkpoints)."""
-    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student, not the teacher
+    # the same init on every rank: DDP syncs the student, not the teacher
+    torch.manual_seed(args.seed)
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
-    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path draws, differently per rank
+    # from here on only drop path draws, differently per rank
+    torch.manual_seed(args.seed * 1000 + rank)
     if args.pretrained:
-        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
+        load_backbone(student.backbone,
+                      read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
                       args.checkpoint_key)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -1935,15 +2062,17 @@ def train(args):
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
 
     # Data
-    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
-    dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size, args.n_local,
-                               args.patch_size, args.photometric, args.global_scale, args.local_scale,
-                               args.blur_sigma)
+    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
+                                                       args.synthetic_size)
+    dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size,
+                               args.n_local, args.patch_size, args.photometric, args.global_scale,
+                               args.local_scale, args.blur_sigma)
     sampler = EpochSampler(dataset, world, rank, args.seed, local_batch)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-        generator=torch.Generator())  # its own generator: the global one drives drop path and is checkpointed
+        # its own generator: the global one drives drop path and is checkpointed
+        generator=torch.Generator())
     iters = len(sampler) // local_batch
     if iters == 0:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
@@ -1953,18 +2082,21 @@ def train(args):
     # Models, optimiser and schedules
     student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
     loss_fn = PWSelfLossRows(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
-                             args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
+                             args.warmup_teacher_temp_epochs,
+                             patch_loss_weight=args.patch_loss_weight,
                              loss_weighting=args.loss_weighting).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
     # DINO's linear scaling rule: the peak learning rate grows with the global batch.
-    lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
+    lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs,
+                                  iters, args.warmup_epochs)
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
 
     # Resume
     start_epoch, start_iter = 0, 0
     if args.resume:
-        start_epoch, start_iter = resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world)
+        start_epoch, start_iter = resume(ckpt_path, args, student, teacher, optimizer, loss_fn,
+                                         device, rank, world)
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
 
     def save(epoch, iteration):
@@ -1975,20 +2107,22 @@ def train(args):
             save_checkpoint(state, ckpt_path)
 
     def evaluation(label, linear):
-        return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label, args.knn_k,
-                                 args.linear_epochs if linear else 0, local_batch, args.num_workers, amp_dtype,
-                                 args.seed, log)
+        return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label,
+                                 args.knn_k, args.linear_epochs if linear else 0, local_batch,
+                                 args.num_workers, amp_dtype, args.seed, log)
 
     initial = None
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
         initial = evaluation("randomly initialised teacher", True)
-    log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: {len(dataset)} images, "
-        f"{args.epochs} epochs of {iters} iterations, global batch {args.batch_size} on {world} "
-        f"process(es), {device.type}")
+    log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: "
+        f"{len(dataset)} images, {args.epochs} epochs of {iters} iterations, global batch "
+        f"{args.batch_size} on {world} process(es), {device.type}")
 
     # The loop
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
-    progress = Progress(device, world, args.batch_size, args.epochs * iters, start_epoch * iters + start_iter)
+    # first step with a non-finite loss
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    progress = Progress(device, world, args.batch_size, args.epochs * iters,
+                        start_epoch * iters + start_iter)
     results, warned, ln_k = {}, set(), math.log(args.out_dim)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter)
@@ -1997,8 +2131,9 @@ def train(args):
         for it, batch in enumerate(loader, start=start_iter):
             step = epoch * iters + it
             losses = train_step(  # (7,) loss, image, patch, teacher entropies
-                student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch, lr=float(lr_schedule[step]),
-                wd=float(wd_schedule[step]), momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
+                student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch,
+                lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
+                momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
                 matching=args.matching, clip_grad=args.clip_grad,
                 freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
@@ -2007,13 +2142,15 @@ def train(args):
             if (step + 1) % args.log_every == 0 or it + 1 == iters:
                 stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path)
                 m, speed, eta = progress.window(it, step)
-                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image {m[1]:.5f} "
-                    f"patch {m[2]:.5f})  teacher entropy row/mean: cls {m[3]:.2f}/{m[4]:.2f} patch "
-                    f"{m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr {lr_schedule[step]:.2e}  wd "
-                    f"{wd_schedule[step]:.3f}  mom {momentum_schedule[step]:.5f}  {speed:.0f} img/s  "
-                    f"ETA {format_time(eta)}", flush=True)
+                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image "
+                    f"{m[1]:.5f} patch {m[2]:.5f})  teacher entropy row/mean: cls "
+                    f"{m[3]:.2f}/{m[4]:.2f} patch {m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr "
+                    f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3f}  mom "
+                    f"{momentum_schedule[step]:.5f}  {speed:.0f} img/s  ETA "
+                    f"{format_time(eta)}", flush=True)
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
-                stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path, weights_too=True)
+                stop_if_not_finite(first_bad, unwrap(student), step, iters,
+                                   ckpt_path, weights_too=True)
                 save(epoch, it + 1)
 
         # End of the epoch: collapse check, unreadable files, checkpoint, evaluation, log.txt
@@ -2026,9 +2163,10 @@ def train(args):
         bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
         seen = (iters - start_iter) * args.batch_size
         if bad_images > args.max_bad_images * seen:
-            raise UserError(f"{bad_images} of {seen} images read in epoch {epoch + 1} were unreadable, more "
-                            f"than --max_bad_images {args.max_bad_images}; fix or remove the files named in "
-                            f"the warnings above, or raise --max_bad_images")
+            raise UserError(f"{bad_images} of {seen} images read in epoch {epoch + 1} were "
+                            f"unreadable, more than --max_bad_images {args.max_bad_images}; fix or "
+                            "remove the files named in the warnings above, or raise "
+                            "--max_bad_images")
         start_iter = 0
         save(epoch + 1, 0)
         stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
@@ -2037,7 +2175,8 @@ def train(args):
         knn = last or (args.knn_every and (epoch + 1) % args.knn_every == 0)
         linear = last or (args.linear_every and (epoch + 1) % args.linear_every == 0)
         if knn or linear:
-            results = evaluation("trained teacher" if last else f"teacher after epoch {epoch + 1}", linear)
+            label = "trained teacher" if last else f"teacher after epoch {epoch + 1}"
+            results = evaluation(label, linear)
             stats.update(results)
         if rank == 0:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
@@ -2045,7 +2184,8 @@ def train(args):
     if initial and results:
         log("randomly initialised -> trained teacher: " + ", ".join(
             f"{name} top-1 {initial[key]:.2f}% -> {results[key]:.2f}%"
-            for name, key in (("k-NN (k=20)", "knn_top1_k20"), ("linear", "linear_top1")) if key in results))
+            for name, key in (("k-NN (k=20)", "knn_top1_k20"),
+                              ("linear", "linear_top1")) if key in results))
     return results
 
 
@@ -2054,11 +2194,13 @@ def evaluate(args):
     --pretrained weights."""
     rank, world, device, log, amp_dtype = start_run(args)
     backbone, path = backbone_from_args(args, "--eval_only")
-    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
+                                                       args.synthetic_size)
     return evaluate_backbone(backbone.to(device), EvalDataset(train_base, args.global_size),
                              EvalDataset(val_base, args.global_size), num_classes, device,
                              f"teacher in {path}", args.knn_k, args.linear_epochs,
-                             max(1, args.batch_size // world), args.num_workers, amp_dtype, args.seed, log)
+                             max(1, args.batch_size // world), args.num_workers, amp_dtype,
+                             args.seed, log)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2073,7 +2215,8 @@ def grid_to_pixels(grid, patch_size):
 def pair_colour(i):
     """A distinct, saturated colour for the i-th item (golden-angle hue steps)."""
     import colorsys
-    return tuple(int(c * 255) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 1.0))
+    hue = (i * 0.618033988749895) % 1.0  # the golden ratio spreads consecutive hues apart
+    return tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.85, 1.0))
 
 
 def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
@@ -2086,7 +2229,8 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
     seed %= 2 ** 64  # numpy wants seeds >= 0
     rng = np.random.default_rng(seed)
     glob, local, box, flip = spatial_views(image.convert("RGB"), rng, global_size, local_size, 1)
-    index, valid = match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3], local_size, patch_size)
+    index, valid = match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3],
+                                 local_size, patch_size)
     pairs = [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]]
     gap, margin = 16, 8
     width = 2 * margin + global_size + gap + local_size
@@ -2096,9 +2240,11 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
         views = []
         for v, x in ((0, glob[0]), (2, local[0])):
             n_tiles = (x.shape[-1] // patch_size) ** 2 if mode == "patch" else 1
-            tile, _ = draw_photometric_params(np.random.default_rng((seed, row, v)), 1, n_tiles, 0.0, 0.0)
+            tile, _ = draw_photometric_params(np.random.default_rng((seed, row, v)),
+                                              1, n_tiles, 0.0, 0.0)
             views.append(color_jitter_tiles(x[None].float() / 255, tile)[0])  # (3, S, S) in [0, 1]
-        teacher, student = (Image.fromarray((v.permute(1, 2, 0) * 255).round().byte().numpy()) for v in views)
+        teacher, student = (Image.fromarray((v.permute(1, 2, 0) * 255).round().byte().numpy())
+                            for v in views)
         valid_grid = valid[0].view(local_size // patch_size, -1)
         grey = Image.new("RGB", student.size, (128, 128, 128))
         mask = Image.fromarray(grid_to_pixels(~valid_grid, patch_size).astype(np.uint8) * 170)
@@ -2114,25 +2260,29 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
         for n, t in pairs:
             colour = pair_colour(t)
             for (ox, oy), (r, c) in zip(origins, (divmod(t, gt), divmod(n, gs))):
-                draw.rectangle([ox + c * patch_size, oy + r * patch_size, ox + (c + 1) * patch_size - 1,
-                                oy + (r + 1) * patch_size - 1], outline=colour, width=2)
+                left, top = ox + c * patch_size, oy + r * patch_size
+                draw.rectangle([left, top, left + patch_size - 1, top + patch_size - 1],
+                               outline=colour, width=2)
     canvas.save(out_path)
     return pairs, box, flip
 
 
 def show_attention(image, out_path, backbone, size=224, mass=0.6):
-    """DINO's attention picture: for each head of the last block, the patches that hold `mass` of the
-    CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
+    """DINO's attention picture: for each head of the last block, the patches that hold `mass` of
+    the CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
     import torchvision.transforms.functional as TF
-    img = TF.center_crop(TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    img = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
+    img = TF.center_crop(img, size)
     x = normalize(TF.pil_to_tensor(img)[None].float() / 255)
     with torch.no_grad():
-        attn = backbone.eval().get_last_selfattention(x)[0, :, 0]  # (heads, 1 + N): the CLS token's row
+        # (heads, 1 + N): the CLS token's row
+        attn = backbone.eval().get_last_selfattention(x)[0, :, 0]
     g = size // backbone.patch_size
     cls_to_patch = attn[:, 1:] / attn[:, 1:].sum(1, keepdim=True)  # (heads, N)
     value, order = cls_to_patch.sort(dim=1, descending=True)
     keep_sorted = value.cumsum(1) - value < mass  # smallest set of patches holding `mass`
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).view(-1, g, g)  # (heads, g, g)
+    # (heads, g, g)
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).view(-1, g, g)
     panels = [img]
     base = np.asarray(img).astype(np.float32)
     for h in range(len(keep)):
@@ -2154,7 +2304,8 @@ def run_tool(args):
     """--show_matching, --show_attention, --export_backbone: the pictures and the weights export."""
     backbone = None
     if args.show_attention or args.export_backbone:
-        backbone, _ = backbone_from_args(args, "--show_attention" if args.show_attention else "--export_backbone")
+        flag = "--show_attention" if args.show_attention else "--export_backbone"
+        backbone, _ = backbone_from_args(args, flag)
     if args.show_matching or args.show_attention:
         if not args.out:
             raise UserError("--show_matching and --show_attention need --out FILE.png")
@@ -2176,7 +2327,8 @@ def run_tool(args):
             show_attention(image, args.out, backbone, glob)
         print(f"wrote {args.out}")
     if args.export_backbone:
-        # DINO's released layout: the bare ViT state dict, loadable with strict=True by DINO's and timm's ViT.
+        # DINO's released layout: the bare ViT state dict, which DINO's and timm's ViT load with
+        # strict=True.
         torch.save(backbone.state_dict(), args.export_backbone)
         print(f"wrote the teacher backbone to {args.export_backbone}")
 
@@ -2192,7 +2344,7 @@ def main(argv=None):
         if args.show_matching or args.show_attention or args.export_backbone:
             return run_tool(args)
         result = evaluate(args) if args.eval_only else train(args)
-        if _distributed():  # no rank tears its gloo/NCCL connections down while another still uses them
+        if _distributed():  # no rank tears its gloo/NCCL connections down while another uses them
             dist.barrier()
         return result
     except UserError as e:

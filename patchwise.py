@@ -1368,18 +1368,18 @@ class MultiViewDataset(torch.utils.data.Dataset):
                       f"({e})", file=sys.stderr)
                 bad += 1
                 index = int(rng.integers(len(self.base)))
-        glob, local, box, flip = spatial_views(img.convert("RGB"), rng,
-                                               self.global_size, self.local_size,
-                                               self.n_local, self.global_scale, self.local_scale)
-        def tiles(size):  # photometric draws per view: one per patch, or one for the whole view
-            return (size // self.patch_size) ** 2 if self.photometric == "patch" else 1
+        glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size,
+                                               self.local_size, self.n_local, self.global_scale,
+                                               self.local_scale)
+        # Photometric draws per view: one per patch (PW-Self), or one for the whole view (DINO).
+        per_patch = self.photometric == "patch"
+        tiles_g = (self.global_size // self.patch_size) ** 2 if per_patch else 1
+        tiles_l = (self.local_size // self.patch_size) ** 2 if per_patch else 1
         # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
         # time on locals; solarization on global 2 only.
-        tile_g, view_g = draw_photometric_params(rng, 2, tiles(self.global_size),
-                                                 [1.0, 0.1], [0.0, 0.2],
+        tile_g, view_g = draw_photometric_params(rng, 2, tiles_g, [1.0, 0.1], [0.0, 0.2],
                                                  blur_sigma=self.blur_sigma)
-        tile_l, view_l = draw_photometric_params(rng, self.n_local,
-                                                 tiles(self.local_size), 0.5, 0.0,
+        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles_l, 0.5, 0.0,
                                                  blur_sigma=self.blur_sigma)
         return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
                     tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label,
@@ -1533,6 +1533,7 @@ def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, lo
     out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
     Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
     N, P, device = len(x), len(lrs), x.device
+
     def chunks():  # x in float32 a slice at a time, never all of it at once
         return (x[i:i + 65536].float() for i in range(0, N, 65536))
     mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
@@ -1583,9 +1584,8 @@ def linear_accuracy(x, y, W, b):
     return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
 
 
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30,
-                 lrs=LINEAR_LRS, wds=LINEAR_WDS,
-                 holdout=0.1, max_sweep=100_000, seed=0, log=None):
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS,
+                 wds=LINEAR_WDS, holdout=0.1, max_sweep=100_000, seed=0, log=None):
     """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
     a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
     best held-out top-1 is refitted on all training features, and its val accuracy is reported.

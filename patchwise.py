@@ -1439,6 +1439,22 @@ def format_time(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def progress_reporter(log, what, total, unit, every=30):
+    """report(done): logs '  what done/total unit, ETA h:mm:ss' at most once per `every` seconds,
+    so that long work (ImageNet's feature extraction, its linear probe) shows where it is; does
+    nothing without a log."""
+    start = last = time.time()
+
+    def report(done):
+        nonlocal last
+        now = time.time()
+        if log and now - last > every:
+            last = now
+            eta = (now - start) / done * (total - done)
+            log(f"  {what} {done}/{total} {unit}, ETA {format_time(eta)}", flush=True)
+    return report
+
+
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
                  T=0.07, num_classes=None):
@@ -1493,7 +1509,7 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
     was_training = backbone.training
     backbone.eval()
     out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
-    start = last_report = time.time()
+    report = progress_reporter(log, "features", len(loader), "batches")
     for b, (x, y, idx) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                             enabled=amp_dtype is not None):
@@ -1505,10 +1521,7 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
         out[2].append(idx.to(device))
         if linear:
             out[3].append(linear_features(blocks, linear[1]).half())
-        if log and time.time() - last_report > 30:  # long extractions (ImageNet) report progress
-            last_report = time.time()
-            eta = (last_report - start) / (b + 1) * (len(loader) - b - 1)
-            log(f"  features {b + 1}/{len(loader)} batches, ETA {format_time(eta)}", flush=True)
+        report(b + 1)
     backbone.train(was_training)
     out = [torch.cat(t) for t in out if t]
     if world > 1:  # DistributedSampler pads, so every rank holds the same count
@@ -1545,7 +1558,7 @@ def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, lo
     vW, vb = torch.zeros_like(W), torch.zeros_like(b)
     gen = torch.Generator().manual_seed(seed)
     steps, step = epochs * math.ceil(N / batch_size), 0
-    start = last_report = time.time()
+    report = progress_reporter(log, "linear probe", steps, "steps")
     for _ in range(epochs):
         order = torch.randperm(N, generator=gen).to(device)
         for i in range(0, N, batch_size):
@@ -1560,10 +1573,7 @@ def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, lo
             W -= step_lr * vW
             b -= step_lr * vb
             step += 1
-            if log and time.time() - last_report > 30:
-                last_report = time.time()
-                log(f"  linear probe {step}/{steps} steps, ETA "
-                    f"{format_time((last_report - start) / step * (steps - step))}", flush=True)
+            report(step)
     W = W / std.view(1, -1, 1)  # fold the standardisation into the layer
     return W, b - (mean @ W).unsqueeze(1)  # (P, F, C), (P, 1, C)
 

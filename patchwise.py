@@ -78,14 +78,10 @@ DEFAULTS = dict(
     log_every=50,
 )
 PRESETS = {
-    # The CPU demo, sized to finish in about 3 minutes on 2 cores (measured: 178 s). A 12-block
-    # ViT-tiny with 4 px patches at 32 px runs at about 6 images/s there, and the DINO head on the
-    # patch tokens costs more than the backbone at such sizes, so everything that sets the cost per
-    # image is cut: 4 blocks, 8 px patches (a 4x4 grid), 4 local views, a small head and K. The
-    # step's time is 52% backward, 32% the two forwards, 3% the per-patch augmentation. What is
-    # left buys about 600 optimizer steps (4 epochs; 6 gained 5 more k-NN points in 50% more
-    # time), so the batch is small (more steps per image seen) and the teacher follows the student
-    # faster (momentum 0.99) than in a 100-epoch run.
+    # The CPU demo, about 3 minutes on 2 cores (README, "Why the synthetic preset is so small"):
+    # everything that sets the cost per image is cut (4 blocks, a 4x4 grid of 8 px patches, 4
+    # locals, a small head and K), and the ~600 steps that buys get a small batch and a teacher
+    # that follows faster (momentum 0.99) than in a 100-epoch run.
     "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
                       n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
@@ -102,12 +98,9 @@ PRESETS = {
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
 # The linear probe's sweep: SGD learning rates on standardised features, L2 penalties wd/2 |W|^2.
 LINEAR_LRS, LINEAR_WDS = (1e-3, 1e-2, 1e-1, 1.0), (0.0, 1e-3, 1e-2)
-# --data folder fits its recipe to the images. Small ones (median short side up to SMALL_SIDE px:
-# digits, icons, CIFAR-sized crops) get the demo's model and 32/16 px views, since the ImageNet
-# recipe would upsample them 7x into a ViT-S/16; on a CPU they train for the demo's number of
-# samples (5,000 images x 4 epochs), so that a laptop run takes minutes whatever the folder's size
-# (a GPU, ten times that).
-# Larger images keep the folder preset (DINO's ImageNet recipe, a GPU run).
+# --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
+# 32/16 px views (the ImageNet recipe would upsample them 7x) for the demo's 20,000 samples on a
+# CPU, ten times that on a GPU; larger images get DINO's ImageNet recipe.
 SMALL_SIDE = 64
 CPU_SAMPLES = 20_000
 
@@ -181,152 +174,118 @@ def _bool(s):
 
 
 def build_parser():
-    p = Parser(
-        description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patch level).",
-        formatter_class=HelpFormatter)
+    p = Parser(description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patches).",
+               formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="synthetic", choices=list(PRESETS),
-                   help="Dataset and preset. synthetic: a 10-class shape set made in memory (the "
-                        "CPU demo); cifar10: torchvision CIFAR-10 under --data_path; in100, in1k, "
-                        "folder: an ImageFolder with train/ and val/ under --data_path (in100: "
-                        "CMC's 100 classes of it). folder picks its recipe from the images: up to "
-                        f"{SMALL_SIDE} px, the synthetic preset's model and views, for "
-                        f"{CPU_SAMPLES} training samples on a CPU and ten times that on a GPU.")
+                   help="Dataset and preset. synthetic: 10 classes of shapes made in memory (the "
+                        "CPU demo); cifar10: torchvision's, under --data_path; in100 (CMC's 100 "
+                        "classes), in1k, folder: an ImageFolder with train/ and val/. folder fits "
+                        f"its recipe to the images: up to {SMALL_SIDE} px, the demo's model and "
+                        f"views for {CPU_SAMPLES} samples on a CPU, ten times that on a GPU.")
     d.add_argument("--data_path", default="data", help="Root of the dataset.")
     d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
     d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
                    help="Train and val sizes of the synthetic set.")
     d.add_argument("--num_workers", type=int, default=None,
-                   help="Data loader processes per rank. Each decodes and crops images only; all "
-                        "colour work runs batched on the device.")
+                   help="Data loader processes per rank (decode and crop; colour work runs on "
+                        "the device).")
     d.add_argument("--max_bad_images", type=float, default=0.01,
-                   help="Fraction of unreadable images in an epoch above which the run stops; "
-                        "below it each is replaced by another image and reported.")
+                   help="Fraction of unreadable images in an epoch above which the run stops.")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default=None, choices=ARCHS,
-                   help="ViT size: tiny 192, small 384, base 768 dims.")
+    m.add_argument("--arch", default=None, choices=ARCHS, help="ViT-tiny, -small or -base.")
     m.add_argument("--patch_size", type=int, default=None, choices=(4, 8, 16),
-                   help="ViT patch side in pixels; also the tile of the per-patch augmentation.")
-    m.add_argument("--depth", type=int, default=None,
-                   help="Number of transformer blocks. Fewer make a fast CPU demo.")
-    m.add_argument("--drop_path", type=float, default=None,
-                   help="Stochastic depth rate of the student.")
+                   help="ViT patch side in pixels, also the per-patch augmentation's tile.")
+    m.add_argument("--depth", type=int, default=None, help="Number of transformer blocks.")
+    m.add_argument("--drop_path", type=float, default=None, help="Student's stochastic depth.")
     m.add_argument("--out_dim", type=int, default=None,
-                   help="K, the head's output size. The head runs on the matched patch tokens, so "
-                        "K costs far more here than in DINO: 8192 for ImageNet, less for small "
-                        "sets.")
-    m.add_argument("--head_hidden_dim", type=int, default=None,
-                   help="Hidden width of the DINO head MLP.")
-    m.add_argument("--bottleneck_dim", type=int, default=None,
-                   help="Bottleneck before the last head layer.")
+                   help="K, the head's output size (the head also runs on matched patches).")
+    m.add_argument("--head_hidden_dim", type=int, default=None, help="DINO head's MLP width.")
+    m.add_argument("--bottleneck_dim", type=int, default=None, help="DINO head's bottleneck.")
     m.add_argument("--norm_last_layer", type=_bool, default=None,
-                   help="Freeze the norm of the weight-normalised last layer (DINO: True for ViT-S "
-                        "stability; False can learn better but needs care).")
+                   help="Freeze the norm of the head's weight-normalised last layer (DINO).")
     a = p.add_argument_group("augmentation and matching")
     a.add_argument("--global_size", type=int, default=None, help="Side of the 2 global views.")
     a.add_argument("--local_size", type=int, default=None, help="Side of the local views.")
-    a.add_argument("--n_local", type=int, default=None,
-                   help="Number of local views (0 is allowed).")
+    a.add_argument("--n_local", type=int, default=None, help="Number of local views (0 allowed).")
     a.add_argument("--global_scale", type=float, nargs=2, default=None,
-                   help="RandomResizedCrop area range, globals.")
+                   help="Crop area range of the global views.")
     a.add_argument("--local_scale", type=float, nargs=2, default=None,
-                   help="RandomResizedCrop area range, locals.")
+                   help="Crop area range of the local views.")
     a.add_argument("--blur_sigma", type=float, nargs=2, default=None,
-                   help="Range of the Gaussian blur's sigma in view pixels. DINO's (0.1, 2.0) was "
-                        "set for 224 px views; small views may want less (0 0 turns blur off).")
+                   help="Gaussian blur sigma range in view pixels (0 0: no blur).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
-                   help="patch: every patch draws its own colour jitter and grayscale (PW-Self); "
-                        "view: one draw per view (plain DINO, for ablations).")
+                   help="patch: each patch draws its own colour jitter and grayscale (PW-Self); "
+                        "view: one draw per view (DINO).")
     a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
-                   help="coords: match patches through the crop geometry, O(N) (PW-Self); "
-                        "similarity: each student patch takes the teacher patch of highest cosine "
-                        "similarity of backbone features, O(N^2 D), as EsViT/GTSA do (ablation).")
+                   help="coords: match patches through the crop geometry (PW-Self); similarity: "
+                        "by cosine similarity of backbone features, as EsViT/GTSA (ablation).")
     l = p.add_argument_group("loss")
     l.add_argument("--patch_loss_weight", type=float, default=1.0,
                    help="Weight of the patch loss; 0 is plain DINO.")
     l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
-                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, the CLS and "
-                        "the matched patch terms averaged as one set of tokens (the public "
-                        "PW-Self code).")
+                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, CLS and "
+                        "patch terms averaged as one set (the public PW-Self code).")
     l.add_argument("--teacher_temp", type=float, default=None,
                    help="Final teacher temperature; above 0.07 DINO becomes unstable.")
     l.add_argument("--warmup_teacher_temp", type=float, default=None,
                    help="Initial teacher temperature.")
     l.add_argument("--warmup_teacher_temp_epochs", type=int, default=None,
-                   help="Epochs of the linear temperature warm-up.")
+                   help="Epochs of its linear warm-up.")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=int, default=None,
                    help="Global batch size, split evenly over ranks.")
     o.add_argument("--epochs", type=int, default=None, help="Training epochs.")
     o.add_argument("--lr", type=float, default=None,
                    help="Peak learning rate per 256 images (scaled linearly with the batch).")
-    o.add_argument("--min_lr", type=float, default=None,
-                   help="Learning rate at the end of the cosine schedule.")
-    o.add_argument("--warmup_epochs", type=int, default=None,
-                   help="Epochs of linear learning rate warm-up.")
-    o.add_argument("--weight_decay", type=float, default=None,
-                   help="Initial weight decay (cosine schedule).")
+    o.add_argument("--min_lr", type=float, default=None, help="Learning rate at the end.")
+    o.add_argument("--warmup_epochs", type=int, default=None, help="Epochs of lr warm-up.")
+    o.add_argument("--weight_decay", type=float, default=None, help="Initial weight decay.")
     o.add_argument("--weight_decay_end", type=float, default=None, help="Final weight decay.")
     o.add_argument("--momentum_teacher", type=float, default=None,
-                   help="Initial teacher EMA momentum, raised to 1 by a cosine; 0.9995 for small "
-                        "batches.")
+                   help="Initial teacher EMA momentum, raised to 1 by a cosine.")
     o.add_argument("--clip_grad", type=float, default=None,
                    help="Per-parameter gradient norm clip (0: off).")
     o.add_argument("--freeze_last_layer", type=int, default=None,
-                   help="Epochs during which the head's last layer is kept fixed; helps early "
-                        "stability.")
-    o.add_argument("--seed", type=int, default=0,
-                   help="Seeds the model and every augmentation draw.")
+                   help="Epochs with the head's last layer fixed.")
+    o.add_argument("--seed", type=int, default=0, help="Seeds the model and every draw.")
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
     r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
     r.add_argument("--ckpt_every", type=int, default=0,
-                   help="Also save the checkpoint every N iterations (0: only at epoch ends).")
-    r.add_argument("--log_every", type=int, default=None, help="Console log period in iterations.")
+                   help="Also save every N iterations (0: only at epoch ends).")
+    r.add_argument("--log_every", type=int, default=None, help="Log period in iterations.")
     r.add_argument("--knn_every", type=int, default=None,
-                   help="Run k-NN every N epochs (0: only at the end).")
-    r.add_argument("--knn_k", type=int, nargs="+", default=None,
-                   help="k values of the k-NN report; 20 is the headline.")
+                   help="k-NN every N epochs (0: only at the end).")
+    r.add_argument("--knn_k", type=int, nargs="+", default=None, help="k values of the k-NN.")
     r.add_argument("--linear_every", type=int, default=None,
-                   help="Run the linear probe every N epochs (0: only at the end).")
+                   help="Linear probe every N epochs (0: only at the end).")
     r.add_argument("--linear_epochs", type=int, default=None,
-                   help="Linear probe (0: none): DINO's features of the frozen teacher (the CLS "
-                        "tokens of the last 4 blocks; ViT-B: the last block's CLS and mean patch "
-                        "token), extracted once from centre crops; a linear layer trained on them "
-                        f"for this many epochs with each lr of {LINEAR_LRS} and wd of "
-                        f"{LINEAR_WDS}, the pair chosen on held-out training images.")
+                   help="Passes of the linear probe (0: none) over DINO's features of the frozen "
+                        f"teacher, for each lr of {LINEAR_LRS} and wd of {LINEAR_WDS}; held-out "
+                        "training images choose the pair.")
     r.add_argument("--eval_only", action="store_true",
-                   help="Only evaluate (k-NN and linear probe) the checkpoint in output_dir (or "
-                        "--pretrained).")
+                   help="Only k-NN and linear probe of output_dir's checkpoint (or --pretrained).")
     r.add_argument("--no_initial_knn", action="store_true",
-                   help="Skip the k-NN and linear probe of the randomly initialised teacher "
-                        "before training.")
+                   help="Skip the evaluation of the random init before training.")
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and teacher for the training step (first steps "
-                        "are slow while it compiles).")
+                   help="torch.compile the training step's models (slow first steps).")
     t = p.add_argument_group("weights and pictures")
     t.add_argument("--pretrained", default=None,
-                   help="Backbone weights to start from (or, with --eval_only, to evaluate): our "
-                        "checkpoints, DINO's full checkpoints or released backbones, timm ViT "
-                        "state dicts.")
+                   help="Backbone weights to start from or, with --eval_only, to evaluate: ours, "
+                        "DINO's checkpoints or backbones, timm ViT state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
-                   help="Which network of a full checkpoint --pretrained, --eval_only and "
-                        "--export_backbone read.")
+                   help="Which network of a full checkpoint to read.")
     t.add_argument("--trust_checkpoint", action="store_true",
-                   help="Allow full unpickling of --pretrained (DINO's checkpoints need it). Only "
-                        "for files you trust.")
+                   help="Allow full unpickling of --pretrained (DINO's files need it).")
     t.add_argument("--export_backbone", default=None, metavar="FILE",
-                   help="Write the teacher backbone of output_dir/checkpoint.pth (or "
-                        "--pretrained) in DINO's released layout, loadable by DINO's and timm's "
-                        "ViT with strict=True.")
+                   help="Write the teacher backbone in DINO's released layout.")
     t.add_argument("--show_matching", default=None, metavar="IMAGE",
-                   help="Draw a teacher and a student view of IMAGE with their matched patches "
-                        "into --out.")
+                   help="Draw two views of IMAGE with their matched patches into --out.")
     t.add_argument("--show_attention", default=None, metavar="IMAGE",
-                   help="Draw the last block's CLS attention per head over IMAGE into --out "
-                        "(needs weights).")
-    t.add_argument("--out", default=None, help="Output PNG of --show_matching / --show_attention.")
+                   help="Draw the last block's CLS attention over IMAGE into --out.")
+    t.add_argument("--out", default=None, help="Output PNG of the pictures.")
     return p
 
 
@@ -1614,19 +1573,16 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LIN
     return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
 
 
-def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label,
-                      ks=(20,), linear_epochs=30,
-                      batch_size=256, num_workers=0, amp_dtype=None, seed=0, log=print):
+def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,),
+                      linear_epochs=30, batch_size=256, num_workers=0, amp_dtype=None, seed=0,
+                      log=print):
     """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
     EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
     'linear_top1': ...}."""
     protocol = linear_protocol(backbone) if linear_epochs else None
-    train_f, train_y, train_l = extract_features(backbone, train_set, batch_size, device,
-                                                 num_workers, amp_dtype,
-                                                 log, protocol)
-    val_f, val_y, val_l = extract_features(backbone, val_set, batch_size, device,
-                                           num_workers, amp_dtype, log,
-                                           protocol)
+    (train_f, train_y, train_l), (val_f, val_y, val_l) = (
+        extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
+        for s in (train_set, val_set))
     num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
     results = {}
     for k in ks:
@@ -1897,9 +1853,9 @@ def prepare_output_dir(path):
 
 
 def encoder_from_args(args, drop_path=0.0):
-    return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path,
-                         args.depth, args.global_size,
-                         args.head_hidden_dim, args.bottleneck_dim, args.norm_last_layer)
+    return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path, args.depth,
+                         args.global_size, args.head_hidden_dim, args.bottleneck_dim,
+                         args.norm_last_layer)
 
 
 def backbone_from_args(args, flag):

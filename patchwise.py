@@ -1897,7 +1897,8 @@ def rng_state(device):
 
 
 def collapse_warning(image_loss_range, entropy_cls, out_dim):
-    """(kind, one line naming it) for a collapsed image level in an epoch, or None when healthy.
+    """(kind, one line naming it) for a collapsed image level in an epoch, or None when healthy:
+    uniform outputs, outputs on one dimension, or the same output for every image.
     image_loss_range: the lowest and highest image loss of the epoch's steps; entropy_cls: the
     epoch's mean of the teacher's two CLS entropies (`entropies`: rows, batch mean); out_dim: K."""
     ln_k = math.log(out_dim)
@@ -1913,6 +1914,14 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
             f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
             f"dimension (entropy of their batch mean {entropy_cls[1]:.2f} < ln 2); raise "
             f"--teacher_temp towards 0.04-0.07, or lower --lr")
+    # mean - row entropy is the information the batch's outputs carry about their images: a few
+    # nats when healthy (up to ln of the rows), near 0 when every image gets the same target.
+    if entropy_cls[1] - entropy_cls[0] < 0.05:
+        return "constant", (
+            f"warning: collapse: the teacher gives every image nearly the same CLS output (entropy "
+            f"of the batch mean {entropy_cls[1]:.2f} minus the rows' {entropy_cls[0]:.2f} < 0.05 "
+            f"nats): the image level learns nothing; raise --momentum_teacher towards 0.996, or "
+            f"lower --lr")
     return None
 
 

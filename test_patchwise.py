@@ -557,11 +557,14 @@ def test_collapse_warning_names_each_collapse_and_stays_silent_otherwise():
     assert pw.collapse_warning([0.995 * ln_k, 1.005 * ln_k], [6.0, 6.5], 1024)[0] == "uniform"
     assert pw.collapse_warning([4.0, 9.0], [0.995 * ln_k, ln_k], 1024)[0] == "uniform"
     assert pw.collapse_warning([0.5, 4.0], [0.2, 0.3], 1024)[0] == "one dimension"
+    assert pw.collapse_warning([2.5, 3.5], [2.87, 2.88], 1024)[0] == "constant"
     assert pw.collapse_warning([2.5, 6.0], [2.0, 4.0], 1024) is None
+    assert pw.collapse_warning([5.0, 6.5], [6.0, 6.4], 1024) is None  # a young, barely sharp one
     # a loss that starts far above ln K (a random student) and ends near it is not yet a collapse
     assert pw.collapse_warning([0.995 * ln_k, 1.2 * ln_k], [6.0, 6.5], 1024) is None
     for kind, line in (pw.collapse_warning([ln_k, ln_k], [6.9, 6.9], 1024),
-                       pw.collapse_warning([1, 2], [0.1, 0.1], 1024)):
+                       pw.collapse_warning([1, 2], [0.1, 0.1], 1024),
+                       pw.collapse_warning([3, 4], [3.0, 3.0], 1024)):
         assert "\n" not in line and "collapse" in line and "--" in line  # one line, with the flags to try
 
 
@@ -591,6 +594,16 @@ def test_collapse_warnings_fire_on_collapsed_runs_and_not_on_a_healthy_one(tmp_p
     assert entropy[1] < 0.01
     kind, line = pw.collapse_warning([image.item()] * 2, entropy[:2].tolist(), K)
     assert kind == "one dimension" and "--teacher_temp" in line
+    # a teacher that follows the student too fast: every image gets the same output, neither
+    # uniform nor on one dimension (measured on grayscale digits with --momentum_teacher 0.9)
+    loss_fn = pw.PWSelfLossRows(K, epochs=1)
+    shared = 0.1 * torch.randn(K)
+    teacher = [shared + 0.001 * torch.randn(B, 5, K) for _ in range(2)]
+    image = _loss_on_views(loss_fn, student, teacher, _random_matches(B, [4] * V, 4), 0)[1]
+    row, mean = loss_fn.teacher_entropy[:2].tolist()
+    assert 1.0 < row < 0.9 * math.log(K) and mean - row < 0.01
+    kind, line = pw.collapse_warning([image.item()] * 2, [row, mean], K)
+    assert kind == "constant" and "--momentum_teacher" in line
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1918,7 +1918,8 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
             f"--teacher_temp towards 0.04-0.07, or lower --lr")
     # mean - row entropy is the information the batch's outputs carry about their images: a few
     # nats when healthy (up to ln of the rows), near 0 when every image gets the same target.
-    if entropy_cls[1] - entropy_cls[0] < 0.05:
+    # Near ln K that is a uniform collapse on its way, which the first test names.
+    if entropy_cls[1] - entropy_cls[0] < 0.05 and entropy_cls[0] < 0.95 * ln_k:
         return "constant", (
             f"warning: collapse: the teacher gives every image nearly the same CLS output (entropy "
             f"of the batch mean {entropy_cls[1]:.2f} minus the rows' {entropy_cls[0]:.2f} < 0.05 "

@@ -558,6 +558,8 @@ def test_collapse_warning_names_each_collapse_and_stays_silent_otherwise():
     assert pw.collapse_warning([4.0, 9.0], [0.995 * ln_k, ln_k], 1024)[0] == "uniform"
     assert pw.collapse_warning([0.5, 4.0], [0.2, 0.3], 1024)[0] == "one dimension"
     assert pw.collapse_warning([2.5, 3.5], [2.87, 2.88], 1024)[0] == "constant"
+    # near ln K, not yet within 1%: a uniform collapse on its way, named when it gets there
+    assert pw.collapse_warning([6.7, 6.9], [6.85, 6.87], 1024) is None
     assert pw.collapse_warning([2.5, 6.0], [2.0, 4.0], 1024) is None
     assert pw.collapse_warning([5.0, 6.5], [6.0, 6.4], 1024) is None  # a young, barely sharp one
     # a loss that starts far above ln K (a random student) and ends near it is not yet a collapse

@@ -807,7 +807,7 @@ def test_a_folder_of_small_images_gets_the_small_recipe_sized_to_the_device(tmp_
     _write_image_folder(tmp_path / "small", n_per_class=25, sizes=((30, 26),))
     _write_image_folder(tmp_path / "large", n_per_class=3, sizes=((500, 375), (320, 480)))
     cpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cpu"])
-    # the demo's model and views, and the demo's number of samples over these 50 images
+    # the demo's model and views, and CPU_SAMPLES samples over these 50 images
     assert (cpu.arch, cpu.patch_size, cpu.depth, cpu.global_size, cpu.local_size) == ("vit_tiny", 8, 4, 32, 16)
     assert cpu.epochs == round(pw.CPU_SAMPLES / 50) and "26 px" in cpu.notes[0]
     gpu = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--device", "cuda"])

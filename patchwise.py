@@ -1910,7 +1910,8 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
         return "uniform", (
             f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their "
             f"entropy within 1% of ln K = {ln_k:.3f} for a whole epoch): the image level learns "
-            f"nothing (the patch level may still); DINO's remedies are a lower --teacher_temp or "
+            f"nothing yet (the patch level may still); on MNIST it left ln K after about 1,000 "
+            f"steps at full lr, so try more --epochs, then DINO's lower --teacher_temp or "
             f"--out_dim; README, 'Collapse', says what was measured")
     if entropy_cls[1] < math.log(2):
         return "one dimension", (

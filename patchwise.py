@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from PIL import Image
 
 # ------------------------------------------------------------------------------------------------
@@ -190,33 +191,26 @@ def build_parser():
     d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
     d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
                    help="Train and val sizes of the synthetic set.")
-    d.add_argument("--num_workers", type=int, default=None,
-                   help="Data loader processes per rank (decode and crop; colour work runs on "
-                        "the device).")
+    d.add_argument("--num_workers", type=int, help="Data loader processes per rank (decode, crop).")
     d.add_argument("--max_bad_images", type=float, default=0.01,
                    help="Fraction of unreadable images in an epoch above which the run stops.")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default=None, choices=ARCHS, help="ViT-tiny, -small or -base.")
-    m.add_argument("--patch_size", type=int, default=None, choices=(4, 8, 16),
+    m.add_argument("--arch", choices=ARCHS, help="ViT-tiny, -small or -base.")
+    m.add_argument("--patch_size", type=int, choices=(4, 8, 16),
                    help="ViT patch side in pixels, also the per-patch augmentation's tile.")
-    m.add_argument("--depth", type=int, default=None, help="Number of transformer blocks.")
-    m.add_argument("--drop_path", type=float, default=None, help="Student's stochastic depth.")
-    m.add_argument("--out_dim", type=int, default=None,
-                   help="K, the head's output size (the head also runs on matched patches).")
-    m.add_argument("--head_hidden_dim", type=int, default=None, help="DINO head's MLP width.")
-    m.add_argument("--bottleneck_dim", type=int, default=None, help="DINO head's bottleneck.")
-    m.add_argument("--norm_last_layer", type=_bool, default=None,
-                   help="Freeze the norm of the head's weight-normalised last layer (DINO).")
+    m.add_argument("--depth", type=int, help="Number of transformer blocks.")
+    m.add_argument("--drop_path", type=float, help="Student's stochastic depth.")
+    m.add_argument("--out_dim", type=int, help="K, the head's output size (CLS and patches).")
+    m.add_argument("--head_hidden_dim", type=int, help="DINO head's MLP width.")
+    m.add_argument("--bottleneck_dim", type=int, help="DINO head's bottleneck.")
+    m.add_argument("--norm_last_layer", type=_bool, help="Freeze the head's last-layer norm.")
     a = p.add_argument_group("augmentation and matching")
-    a.add_argument("--global_size", type=int, default=None, help="Side of the 2 global views.")
-    a.add_argument("--local_size", type=int, default=None, help="Side of the local views.")
-    a.add_argument("--n_local", type=int, default=None, help="Number of local views (0 allowed).")
-    a.add_argument("--global_scale", type=float, nargs=2, default=None,
-                   help="Crop area range of the global views.")
-    a.add_argument("--local_scale", type=float, nargs=2, default=None,
-                   help="Crop area range of the local views.")
-    a.add_argument("--blur_sigma", type=float, nargs=2, default=None,
-                   help="Gaussian blur sigma range in view pixels (0 0: no blur).")
+    a.add_argument("--global_size", type=int, help="Side of the 2 global views.")
+    a.add_argument("--local_size", type=int, help="Side of the local views.")
+    a.add_argument("--n_local", type=int, help="Number of local views (0 allowed).")
+    a.add_argument("--global_scale", type=float, nargs=2, help="Crop area range, global views.")
+    a.add_argument("--local_scale", type=float, nargs=2, help="Crop area range, local views.")
+    a.add_argument("--blur_sigma", type=float, nargs=2, help="Blur sigma range (0 0: no blur).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
                    help="patch: each patch draws its own colour jitter and grayscale (PW-Self); "
                         "view: one draw per view (DINO).")
@@ -229,66 +223,50 @@ def build_parser():
     l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
                    help="sum: L_image + w L_patch, each a mean; token_mean: per pair, CLS and "
                         "patch terms averaged as one set (the public PW-Self code).")
-    l.add_argument("--teacher_temp", type=float, default=None,
-                   help="Final teacher temperature; above 0.07 DINO becomes unstable.")
-    l.add_argument("--warmup_teacher_temp", type=float, default=None,
-                   help="Initial teacher temperature.")
-    l.add_argument("--warmup_teacher_temp_epochs", type=int, default=None,
-                   help="Epochs of its linear warm-up.")
+    l.add_argument("--teacher_temp", type=float, help="Final teacher temperature (<= 0.07).")
+    l.add_argument("--warmup_teacher_temp", type=float, help="Initial teacher temperature.")
+    l.add_argument("--warmup_teacher_temp_epochs", type=int, help="Epochs of its linear warm-up.")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=int, default=None,
-                   help="Global batch size, split evenly over ranks.")
-    o.add_argument("--epochs", type=int, default=None, help="Training epochs.")
-    o.add_argument("--lr", type=float, default=None,
-                   help="Peak learning rate per 256 images (scaled linearly with the batch).")
-    o.add_argument("--min_lr", type=float, default=None, help="Learning rate at the end.")
-    o.add_argument("--warmup_epochs", type=int, default=None, help="Epochs of lr warm-up.")
-    o.add_argument("--weight_decay", type=float, default=None, help="Initial weight decay.")
-    o.add_argument("--weight_decay_end", type=float, default=None, help="Final weight decay.")
-    o.add_argument("--momentum_teacher", type=float, default=None,
-                   help="Initial teacher EMA momentum, raised to 1 by a cosine.")
-    o.add_argument("--clip_grad", type=float, default=None,
-                   help="Per-parameter gradient norm clip (0: off).")
-    o.add_argument("--freeze_last_layer", type=int, default=None,
-                   help="Epochs with the head's last layer fixed.")
+    o.add_argument("--batch_size", type=int, help="Global batch size, split evenly over ranks.")
+    o.add_argument("--epochs", type=int, help="Training epochs.")
+    o.add_argument("--lr", type=float, help="Peak lr per 256 images, scaled with the batch.")
+    o.add_argument("--min_lr", type=float, help="Learning rate at the end.")
+    o.add_argument("--warmup_epochs", type=int, help="Epochs of lr warm-up.")
+    o.add_argument("--weight_decay", type=float, help="Initial weight decay.")
+    o.add_argument("--weight_decay_end", type=float, help="Final weight decay.")
+    o.add_argument("--momentum_teacher", type=float, help="Initial teacher EMA momentum (to 1).")
+    o.add_argument("--clip_grad", type=float, help="Per-parameter gradient norm clip (0: off).")
+    o.add_argument("--freeze_last_layer", type=int, help="Epochs with the head's last layer fixed.")
     o.add_argument("--seed", type=int, default=0, help="Seeds the model and every draw.")
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
     r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
-    r.add_argument("--ckpt_every", type=int, default=0,
-                   help="Also save every N iterations (0: only at epoch ends).")
-    r.add_argument("--log_every", type=int, default=None, help="Log period in iterations.")
-    r.add_argument("--knn_every", type=int, default=None,
-                   help="k-NN every N epochs (0: only at the end).")
-    r.add_argument("--knn_k", type=int, nargs="+", default=None, help="k values of the k-NN.")
-    r.add_argument("--linear_every", type=int, default=None,
-                   help="Linear probe every N epochs (0: only at the end).")
-    r.add_argument("--linear_epochs", type=int, default=None,
+    r.add_argument("--ckpt_every", type=int, default=0, help="Also save every N iterations.")
+    r.add_argument("--log_every", type=int, help="Log period in iterations.")
+    r.add_argument("--knn_every", type=int, help="k-NN every N epochs (0: only at the end).")
+    r.add_argument("--knn_k", type=int, nargs="+", help="k values of the k-NN.")
+    r.add_argument("--linear_every", type=int, help="Linear probe every N epochs (0: at the end).")
+    r.add_argument("--linear_epochs", type=int,
                    help="Passes of the linear probe (0: none) over DINO's features of the frozen "
                         f"teacher, for each lr of {LINEAR_LRS} and wd of {LINEAR_WDS}; held-out "
                         "training images choose the pair.")
     r.add_argument("--eval_only", action="store_true",
                    help="Only k-NN and linear probe of output_dir's checkpoint (or --pretrained).")
-    r.add_argument("--no_initial_knn", action="store_true",
-                   help="Skip the evaluation of the random init before training.")
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step's models (slow first steps).")
+    r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
+    r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
+    r.add_argument("--compile", action="store_true", help="torch.compile the step's models.")
     t = p.add_argument_group("weights and pictures")
-    t.add_argument("--pretrained", default=None,
+    t.add_argument("--pretrained",
                    help="Backbone weights to start from or, with --eval_only, to evaluate: ours, "
                         "DINO's checkpoints or backbones, timm ViT state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"),
                    help="Which network of a full checkpoint to read.")
     t.add_argument("--trust_checkpoint", action="store_true",
                    help="Allow full unpickling of --pretrained (DINO's files need it).")
-    t.add_argument("--export_backbone", default=None, metavar="FILE",
-                   help="Write the teacher backbone in DINO's released layout.")
-    t.add_argument("--show_matching", default=None, metavar="IMAGE",
-                   help="Draw two views of IMAGE with their matched patches into --out.")
-    t.add_argument("--show_attention", default=None, metavar="IMAGE",
-                   help="Draw the last block's CLS attention over IMAGE into --out.")
-    t.add_argument("--out", default=None, help="Output PNG of the pictures.")
+    t.add_argument("--export_backbone", metavar="FILE", help="Write the teacher backbone (DINO).")
+    t.add_argument("--show_matching", metavar="IMAGE", help="Draw IMAGE's matched patches (--out).")
+    t.add_argument("--show_attention", metavar="IMAGE", help="Draw the CLS attention (--out).")
+    t.add_argument("--out", help="Output PNG of the pictures.")
     return p
 
 
@@ -941,24 +919,18 @@ class PWSelfLoss(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The same loss, computed faster: the head on the used tokens only
 # ------------------------------------------------------------------------------------------------
-
-# The reference loss reads head outputs for every token. Training asks the head only for the
-# tokens the loss reads (every CLS, the matched student patches, the teacher patches they point
-# to: 578 of 690 student and 329 of 394 teacher tokens per image at 224/96 px), and goes through
-# the loss's (rows, K) tensors in chunks with the backward written out. Training runs this path,
-# by measurement (2-core CPU, forward and backward of one step): as fast as the reference (250 ms
-# against 256 at the demo's sizes; 3.86 s both at ViT-S/16, K 8192, batch 4), with 9% less memory
-# over the models' (1,315 MiB against 1,438 at that ViT-S/16 step), and fewer FLOPs (the step's
-# analytic ratio to DINO at ViT-S/16 falls from 1.33x to 1.27x), which a GPU should turn into time
-# (not measured yet). It needs the bookkeeping below: which rows go to the head, and which teacher
-# row each student row learns from.
+# Training asks the head only for the tokens the loss reads (every CLS, the matched student
+# patches, the teacher patches they point to: 578 of 690 student and 329 of 394 teacher tokens
+# per image at 224/96 px), and goes through the (rows, K) cross-entropy in chunks. Training runs
+# this path, by measurement (2-core CPU, forward and backward of one step): as fast as the
+# reference, with 9% less memory at ViT-S/16, K 8192 (1,315 MiB against 1,438), and fewer FLOPs
+# (the step's analytic ratio to DINO at ViT-S/16 falls from 1.33x to 1.27x).
 
 def head_rows(n_tokens, B, keep=None, device="cpu"):
     """Which backbone tokens go through the head, as positions in the tokens of V views flattened
-    view by view, (view, image, token), as the Encoder flattens them. The CLS tokens of all views
-    come first (view-major), then the kept patch tokens in position order, so the loss finds each
-    kind in one slice. n_tokens: 1 + N_v per view; keep: per view bool (B, N_v) of patches to keep,
-    or None for every patch.
+    (view, image, token), as the Encoder flattens them: the CLS tokens of all views first, then
+    the kept patches, so the loss finds each kind in one slice. n_tokens: 1 + N_v per view; keep:
+    per view bool (B, N_v), or None for every patch.
     Returns rows long (M,) and, per view, each position's row, long (B, 1 + N_v), -1 if not kept."""
     start = np.cumsum([0] + [B * n for n in n_tokens])
     # (B, 1 + N_v)
@@ -974,38 +946,32 @@ def head_rows(n_tokens, B, keep=None, device="cpu"):
     return rows, [row_of[p] for p in pos]
 
 
+# student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows); target long
+# (M_s, G): for each student row and teacher view i, the teacher row it learns from; group long
+# (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches of pair k (pairs
+# (i, v), v != i, in order), 2 n_pairs for no term; n_cls: CLS rows of student and teacher.
 TokenPairs = collections.namedtuple("TokenPairs",
                                     "student_rows teacher_rows target group n_pairs n_cls")
-TokenPairs.__doc__ = """The tokens the loss uses and which teacher token each student token learns
-from. student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows), CLS
-tokens first; target long (M_s, G): for each student row and teacher view i, the teacher row it
-learns from; group long (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches
-of pair k (pairs in the order (i, v) for i < G, v != i), 2 n_pairs where there is no term (v = i,
-or no match); n_cls: the number of CLS rows of the student and of the teacher, (V B, G B)."""
 
 
 def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
-    """The TokenPairs of a batch from its patch matches. n_tokens: 1 + N_v for the V student views,
-    globals first (the teacher's views are the n_global globals); matches as match_views returns
-    them (unused when patches is False: CLS tokens only, plain DINO). compact keeps only what the
-    loss reads: valid student patches and the teacher patches they point to; without it the
-    head runs on every patch (similarity matching, whose targets are only known after the head's
-    input is)."""
+    """The TokenPairs of a batch. n_tokens: 1 + N_v for the V student views, globals first;
+    matches as match_views returns them (unused without patches: plain DINO). compact keeps only
+    the valid student patches and the teacher patches they point to; without it the head runs on
+    every patch (similarity matching, whose matches come after the head's input is chosen)."""
     V, G = len(n_tokens), n_global
     pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
     none = 2 * len(pairs)
     device = next(iter(matches.values()))[0].device if matches else "cpu"
     b = torch.arange(B, device=device).view(B, 1)
-    # Per student view, position-indexed: the teacher token (view i, image b, token t) each token
-    # learns from, as an index i B (1 + N_t) + b (1 + N_t) + t into the teacher's positions.
-    # (B, 1 + N_v, G)
+    # Per student view and position: the teacher position (view i, image b, token t) each token
+    # learns from, i B (1 + N_t) + b (1 + N_t) + t, and its group; (B, 1 + N_v, G) each.
     target = [torch.zeros(B, n, G, dtype=torch.long, device=device) for n in n_tokens]
     group = [torch.full((B, n, G), none, dtype=torch.long, device=device) for n in n_tokens]
     s_keep = [torch.zeros(B, n - 1, dtype=torch.bool, device=device) for n in n_tokens]  # (B, N_v)
     t_hits = torch.zeros(G, B, n_tokens[0] - 1, dtype=torch.long, device=device)  # (G, B, N_t)
     for k, (i, v) in enumerate(pairs):
-        # teacher position of image b's CLS token in view i, (B, 1)
-        first = (i * B + b) * n_tokens[0]
+        first = (i * B + b) * n_tokens[0]  # (B, 1): image b's CLS token in teacher view i
         target[v][:, :1, i], group[v][:, :1, i] = first, 2 * k
         if patches:
             index, valid = matches[i, v]  # (B, N_v) each
@@ -1019,60 +985,42 @@ def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
     teacher_rows, t_row_of = head_rows(n_tokens[:1] * G, B,
                                        None if t_hits is None else list(t_hits > 0), device)
     t_row_of = torch.cat([r.flatten() for r in t_row_of])  # teacher position -> row
-    # (M_s, G) teacher positions
-    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]
+    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]  # (M_s, G) positions
     group = torch.cat([g.flatten(0, 1) for g in group])[student_rows]  # (M_s, G)
-    # rows; an unused position points nowhere
-    target = torch.where(group < none, t_row_of[target], 0)
+    target = torch.where(group < none, t_row_of[target], 0)  # rows; no term points at row 0
     return TokenPairs(student_rows, teacher_rows, target, group, len(pairs), (V * B, G * B))
 
 
 def mix_targets(q, target, weight):
-    """Each student row's target distribution: the teacher probabilities q (M_t, K) of its partners,
-    rows target (M_s, G), one per teacher view, summed with weight (M_s, G). Cross-entropy is linear
-    in the target, so one product per student row serves all of its partners."""
+    """Each student row's target: the teacher probabilities q (M_t, K) of its partners, rows target
+    (M_s, G), summed with weight (M_s, G). Cross-entropy is linear in the target, so one product
+    per student row serves all of its partners."""
     t = q[target[:, 0]].mul_(weight[:, :1])  # (M_s, K)
     for i in range(1, target.shape[1]):
         t.addcmul_(q[target[:, i]], weight[:, i:i + 1])
     return t
 
 
-class SoftCrossEntropy(torch.autograd.Function):
-    """ce = -sum_k t_k log softmax(s / T)_k per student row, t = mix_targets(q, target, weight).
-    Written out for memory: left to autograd, the loss keeps two float32 (M_s, K) tensors for the
-    backward and makes several more at once, at K = 8192 the largest live set of the whole step.
-    This keeps only the logits s and the teacher's probabilities q, and goes through the rows in
-    chunks, rebuilding t and softmax(s / T) for the backward."""
-    CHUNK = 2 ** 26  # elements of a (rows, K) float32 temporary: 256 MB
+CHUNK = 2 ** 26  # elements of one of the loss's (rows, K) float32 temporaries: 256 MB
 
-    @staticmethod
-    def forward(ctx, s, q, target, weight, temp):
-        ctx.save_for_backward(s, q, target, weight)
-        wide = torch.promote_types(s.dtype, torch.float32)  # bf16 logits: the softmax in float32
-        ctx.temp, ctx.wide = temp, wide
-        ce = s.new_empty(len(s), dtype=wide)
-        for rows in SoftCrossEntropy.chunks(s):
-            logp = F.log_softmax(s[rows].to(wide) / temp, dim=-1)  # (C, K)
-            ce[rows] = -logp.mul_(mix_targets(q, target[rows], weight[rows])).sum(-1)
-        return ce  # (M_s,)
 
-    @staticmethod
-    def backward(ctx, grad):
-        s, q, target, weight = ctx.saved_tensors
-        grad_s = torch.empty_like(s)
-        for rows in SoftCrossEntropy.chunks(s):
-            p = F.softmax(s[rows].to(ctx.wide) / ctx.temp, dim=-1)  # (C, K)
-            # d ce / d s = (sum_k t_k * softmax(s / T) - t) / T, where sum_k t_k is the sum of the
-            # weights, each row of q summing to 1.
-            t = mix_targets(q, target[rows], weight[rows])
-            g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(t)
-            grad_s[rows] = g.mul_(grad[rows, None] / ctx.temp)
-        return grad_s, None, None, None, None
+def row_chunks(x):
+    n = max(1, CHUNK // x.shape[1])
+    return [slice(i, i + n) for i in range(0, len(x), n)]
 
-    @staticmethod
-    def chunks(s):
-        n = max(1, SoftCrossEntropy.CHUNK // s.shape[1])
-        return [slice(i, i + n) for i in range(0, len(s), n)]
+
+def soft_cross_entropy(s, q, target, weight, temp):
+    """ce (M_s,) = -sum_k t_k log softmax(s / temp)_k per student row, t = mix_targets(q, target,
+    weight), a chunk of rows at a time, each recomputed in the backward instead of kept: left to
+    autograd, the loss would keep two float32 (M_s, K) tensors, at K = 8192 the largest live set
+    of the whole step."""
+    wide = torch.promote_types(s.dtype, torch.float32)  # bf16 logits: the softmax in float32
+
+    def ce(s, target, weight):
+        logp = F.log_softmax(s.to(wide) / temp, dim=-1)  # (C, K)
+        return -(logp * mix_targets(q, target, weight)).sum(-1)
+    return torch.cat([checkpoint(ce, s[r], target[r], weight[r], use_reentrant=False,
+                                 preserve_rng_state=False) for r in row_chunks(s)])
 
 
 def entropies(q):
@@ -1083,28 +1031,24 @@ def entropies(q):
     if len(q) == 0:
         return q.new_zeros(2)
     # xlogy(0, 0) is 0, and it is the fastest of torch's p log p forms on a CPU
-    row = -sum(torch.xlogy(q[rows], q[rows]).sum() for rows in SoftCrossEntropy.chunks(q)) / len(q)
+    row = -sum(torch.xlogy(q[rows], q[rows]).sum() for rows in row_chunks(q)) / len(q)
     mean = q.mean(0)
     return torch.stack([row, -torch.xlogy(mean, mean).sum()])
 
 
 class PWSelfLossRows(PWSelfLoss):
-    """PWSelfLoss on the flat rows the head computed (a TokenPairs says which), every term in one
-    chunked cross-entropy. The same losses, gradients and centres as PWSelfLoss (tested), with the
-    normalisers counted over all ranks so the loss is that of the global batch."""
+    """PWSelfLoss on the flat rows the head computed (a TokenPairs says which): the same losses,
+    gradients and centres (tested), with the normalisers counted over all ranks, so the loss is
+    that of the global batch however it is split."""
 
     def forward(self, student_out, teacher_out, pairs, epoch):
-        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the student and teacher
-        rows of `pairs` (a TokenPairs, from token_pairs), CLS tokens first.
-        Returns (total, image part, patch part), the parts summing to the total. Leaves the
-        teacher's entropies (see `entropies`) of this batch in self.teacher_entropy, float32 (4,):
-        CLS rows, CLS mean, patch rows, patch mean."""
+        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the rows of `pairs`.
+        Returns (total, image part, patch part). Leaves the teacher's entropies (`entropies`) in
+        self.teacher_entropy, float32 (4,): CLS rows, CLS mean, patch rows, patch mean."""
         temp = self.teacher_temp(epoch)
         (s_cls, t_cls), P = pairs.n_cls, pairs.n_pairs
         world = dist.get_world_size() if _distributed() else 1
         with torch.no_grad():
-            # Sharpen the teacher more than the student so its targets are confident; the centre
-            # keeps any one dimension from dominating. Together they avoid both collapses.
             # One float32 copy of the teacher's outputs, made into its targets in place: at K = 8192
             # these (M_t, K) tensors are as large as the teacher's activations.
             q = teacher_out.to(torch.float32, copy=True)  # (M_t, K)
@@ -1114,21 +1058,17 @@ class PWSelfLossRows(PWSelfLoss):
             q.sub_(q.amax(-1, keepdim=True)).exp_()
             q.div_(q.sum(-1, keepdim=True))  # the softmax, in place
             self.teacher_entropy = torch.cat([entropies(q[:t_cls]), entropies(q[t_cls:])])
-            # Terms per normaliser group, counted over all ranks, so the loss is that of the global
-            # batch however it is split; the world factor undoes DDP's averaging of the gradients.
             n = torch.zeros(2 * P + 1, device=q.device).index_add_(
                 0, pairs.group.flatten(), torch.ones(pairs.group.numel(), device=q.device))
-            n = all_reduce_sum(n[:-1]).view(P, 2)  # (pair, CLS / patches)
-            if self.loss_weighting == "sum":
-                # no match: adds 0
+            n = all_reduce_sum(n[:-1]).view(P, 2)  # terms per (pair, CLS / patches), all ranks
+            if self.loss_weighting == "sum":  # a pair without matches adds 0
                 w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)
             else:  # token_mean: CLS and patch tokens of a pair averaged as one set
                 total = n.sum(1)
                 w = torch.stack([1.0 / total, self.patch_loss_weight / total], 1)
-            # (2 P + 1,): per group, 0 for none
-            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])
-        # (M_s,)
-        ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)
+            # per group, 0 for none; the world factor undoes DDP's averaging of the gradients
+            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,)
+        ce = soft_cross_entropy(student_out, q, pairs.target, w[pairs.group], self.student_temp)
         loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
         self.update_center(teacher_out[:t_cls], teacher_out[t_cls:])
         return loss_image + loss_patch, loss_image, loss_patch

@@ -110,9 +110,8 @@ CPU_SAMPLES = 32_000
 
 
 def folder_preset(data_path, cuda):
-    """The preset for --data folder: PRESETS['folder'], or for small images the demo's, with its
-    epochs set from the training set's size (CPU_SAMPLES samples on a CPU, ten times as many on a
-    GPU). Returns (preset, a line saying which)."""
+    """The preset for --data folder: PRESETS['folder'], or for small images the demo's with its
+    epochs set from the set's size. Returns (preset, a line saying which)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
     root = os.path.join(data_path, "train")
     classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
@@ -131,16 +130,13 @@ def folder_preset(data_path, cuda):
     side = sorted(sides)[len(sides) // 2] if sides else None
     if side is None or side > SMALL_SIDE:
         return PRESETS["folder"], "ImageNet recipe for --data folder (DINO's ViT-S/16 at 224/96 px)"
-    preset = {**PRESETS["synthetic"], "knn_every": 0}
     samples = CPU_SAMPLES * (10 if cuda else 1)  # a GPU trains ten times longer in the same minutes
     n = sum(len(images(folder)) for folder in classes)  # small images: a small count to make
-    preset["epochs"] = max(1, round(samples / n))
-    if cuda:
-        preset["num_workers"] = 8
-    budget = (f"{preset['epochs']} epochs of {n} images, about {samples} samples, on the "
-              f"{'GPU' if cuda else 'CPU'}")
+    preset = {**PRESETS["synthetic"], "knn_every": 0, "epochs": max(1, round(samples / n)),
+              "num_workers": 8 if cuda else 0}
     return preset, (f"small-image recipe for --data folder (median side {side} px <= "
-                    f"{SMALL_SIDE}): the demo's ViT-tiny/8 at 32/16 px, {budget}")
+                    f"{SMALL_SIDE}): the demo's ViT-tiny/8 at 32/16 px, {preset['epochs']} epochs "
+                    f"of {n} images, about {samples} samples, on the {'GPU' if cuda else 'CPU'}")
 
 
 class UserError(Exception):
@@ -153,9 +149,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the real default of a flag whose value comes from DEFAULTS, and each preset's
-    value where it differs (the flag's argparse default is None, unset, so the preset can fill
-    it)."""
+    """--help shows the real default of a flag whose value comes from DEFAULTS (its argparse
+    default is None, so that the preset can fill it), and each preset's value where it differs."""
 
     def _get_help_string(self, action):
         if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
@@ -170,11 +165,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true", "yes")
 
 
 def build_parser():
@@ -382,8 +375,7 @@ class Attention(nn.Module):
             # Explicit softmax, only to look at the weights; training uses the fused kernel below.
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
             x = attn @ v
-        else:
-            # flash/memory-efficient kernel where available
+        else:  # flash/memory-efficient kernel where available
             x = F.scaled_dot_product_attention(q, k, v)
         x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, H, N, C/H) -> (B, N, C)
         return (x, attn) if return_attention else x
@@ -441,8 +433,7 @@ def interpolate_pos_embed(pos_embed, grid):
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
     patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic",
                               align_corners=False)
-    # (1, gh*gw, D)
-    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, N, D)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
@@ -467,8 +458,7 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
-        # deeper blocks dropped more often
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks dropped more
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -507,16 +497,15 @@ class VisionTransformer(nn.Module):
         return self.blocks[-1](x, return_attention=True)[1]
 
 
-def vit_tiny(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
-    return VisionTransformer(img_size, patch_size, 192, depth, 3, drop_path_rate=drop_path_rate)
+VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 
 
-def vit_small(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
-    return VisionTransformer(img_size, patch_size, 384, depth, 6, drop_path_rate=drop_path_rate)
+def vit(arch, patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
+    dim, heads = VIT_SIZES[arch]
+    return VisionTransformer(img_size, patch_size, dim, depth, heads, drop_path_rate=drop_path_rate)
 
 
-def vit_base(patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
-    return VisionTransformer(img_size, patch_size, 768, depth, 12, drop_path_rate=drop_path_rate)
+vit_tiny, vit_small, vit_base = (functools.partial(vit, arch) for arch in VIT_SIZES)
 
 
 class WeightNormLinear(nn.Module):
@@ -553,12 +542,9 @@ class DINOHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Backbone + head, DINO's MultiCropWrapper. Takes a list of view batches, one per resolution,
-    so views of one size share one backbone call, and runs the head only on the tokens the loss
-    uses: `rows` indexes the backbone's tokens flattened over resolutions in the order they come,
-    (resolution, view, image, token) (see head_rows); None runs it on every token.
-    Returns the backbone tokens, one (B_r, 1 + N_r, D) per resolution, and the head outputs
-    (M, K)."""
+    """Backbone + head, DINO's MultiCropWrapper: one backbone call per resolution of views, then
+    the head on the tokens `rows` picks, (resolution, view, image, token) flattened (head_rows),
+    or on all. Returns the tokens, one (B_r, 1 + N_r, D) per resolution, and the head's (M, K)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -575,8 +561,7 @@ class Encoder(nn.Module):
 
 def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size=224,
                   head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
-    factory = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}[arch]
-    backbone = factory(patch_size, drop_path, depth or 12, img_size)
+    backbone = vit(arch, patch_size, drop_path, depth or 12, img_size)
     head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, bottleneck_dim,
                     norm_last_layer=norm_last_layer)
     return Encoder(backbone, head)
@@ -610,12 +595,10 @@ def sample_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
 
 def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4, 1.0),
                   local_scale=(0.05, 0.4)):
-    """Cut 2 global and n_local local views out of a PIL RGB image: random resized crop, then a
-    horizontal flip with p=0.5. Each view records where it came from, which is all the patch
-    matching needs.
-    Returns global views uint8 (2, 3, Sg, Sg), local views uint8 (n_local, 3, Sl, Sl),
-    box float32 (2 + n_local, 4) = (top, left, height, width) in original pixels, flip bool
-    (2 + n_local,)."""
+    """2 global and n_local local views of a PIL RGB image: random resized crop, then a flip with
+    p=0.5, each recording where it came from (all that the matching needs). Returns uint8 views
+    (2, 3, Sg, Sg) and (n_local, 3, Sl, Sl), box float32 (2 + n_local, 4) = (top, left, height,
+    width) in original pixels, flip bool (2 + n_local,)."""
     width, height = img.size
     views, boxes, flips = [], [], []
     for v in range(2 + n_local):
@@ -630,20 +613,17 @@ def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4,
         views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1))  # (3, H, W)
         boxes.append((top, left, h, w))
         flips.append(flip)
-    local = torch.zeros(0, 3, local_size, local_size, dtype=torch.uint8)  # --n_local 0
-    if n_local:
-        local = torch.stack(views[2:])
-    box = torch.tensor(boxes, dtype=torch.float32)
-    return torch.stack(views[:2]), local, box, torch.tensor(flips)
+    local = (torch.stack(views[2:]) if n_local else
+             torch.zeros(0, 3, local_size, local_size, dtype=torch.uint8))  # --n_local 0
+    return torch.stack(views[:2]), local, torch.tensor(boxes), torch.tensor(flips)
 
 
 def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
                             jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=(0.1, 2.0)):
-    """Draw DINO's colour augmentation for n_views views, each cut into n_tiles tiles that draw
-    independently: n_tiles = patches per view for PW-Self, 1 for plain per-view DINO.
-    Returns tile params float32 (n_views, n_tiles, 6) = (jitter on, brightness, contrast,
-    saturation, hue shift, grayscale on) and view params float32 (n_views, 2) = (blur sigma, 0
-    for no blur; solarize on). p_blur and p_solarize are per view (scalars or length n_views)."""
+    """DINO's colour augmentation for n_views views of n_tiles tiles that draw independently (the
+    patches for PW-Self, 1 for DINO); p_blur, p_solarize per view. Returns float32 tile params
+    (n_views, n_tiles, 6) = (jitter on, brightness, contrast, saturation, hue shift, grayscale
+    on) and view params (n_views, 2) = (blur sigma or 0, solarize on)."""
     b, c, s, h = jitter
     u = rng.random((n_views, n_tiles, 6), dtype=np.float32)
     tile = np.stack([u[..., 0] < p_jitter,
@@ -676,8 +656,7 @@ def grayscale(x):
 
 
 def adjust_hue(x, shift):
-    """Rotate the hue of (B, 3, ...) RGB in [0, 1] by `shift` turns, broadcastable to
-    (B, 1, ...)."""
+    """Rotate the hue of (B, 3, ...) RGB in [0, 1] by `shift` turns, (B, 1, ...)-broadcastable."""
     r, g, b = x.unbind(1)
     maxc, minc = x.max(1).values, x.min(1).values
     delta = maxc - minc
@@ -693,11 +672,10 @@ def adjust_hue(x, shift):
 
 
 def color_jitter_tiles(x, tile):
-    """Colour jitter then grayscale, each tile of the image with its own parameters.
-    x: float (B, 3, S, S) in [0, 1]; tile: (B, G, 6) from draw_photometric_params, G = g*g tiles
-    in row-major order (g = S / patch_size for PW-Self, g = 1 for a whole-view transform).
-    The ops run in one fixed order (brightness, contrast, saturation, hue) rather than
-    torchvision's random order per call; the parameters are what carry the randomness."""
+    """Colour jitter then grayscale, each tile with its own parameters. x: float (B, 3, S, S) in
+    [0, 1]; tile: (B, g*g, 6) from draw_photometric_params, row-major. One fixed order of the ops
+    (brightness, contrast, saturation, hue), not torchvision's random one: the parameters carry
+    the randomness."""
     B, _, S, _ = x.shape
     g = math.isqrt(tile.shape[1])
     assert g * g == tile.shape[1] and S % g == 0, f"{g * g} tiles do not tile a {S}x{S} view"
@@ -706,8 +684,7 @@ def color_jitter_tiles(x, tile):
     # each (B, 1, g, 1, g, 1)
     on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)
     y = (x * bright).clamp(0, 1)
-    # (B, 1, g, 1, g, 1): contrast pivots on the tile's own grey
-    mean = grayscale(y).mean(dim=(3, 5), keepdim=True)
+    mean = grayscale(y).mean(dim=(3, 5), keepdim=True)  # contrast pivots on the tile's own grey
     y = (contrast * y + (1 - contrast) * mean).clamp(0, 1)
     y = (sat * y + (1 - sat) * grayscale(y)).clamp(0, 1)
     y = adjust_hue(y, hue)
@@ -717,13 +694,12 @@ def color_jitter_tiles(x, tile):
 
 
 def gaussian_blur(x, sigma, radius=6):
-    """Blur each image of (B, C, H, W) with its own sigma (B,) in pixels; sigma 0 leaves it as is.
-    Separable, one grouped convolution per axis for the whole batch."""
+    """Blur each image of (B, C, H, W) with its own sigma (B,), 0 for none: separable, one grouped
+    convolution per axis for the whole batch."""
     B, C, H, W = x.shape
     radius = min(radius, H - 1, W - 1)  # reflect padding needs it; 6 covers 3 sigma at sigma 2
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    # (B, 2r+1); a delta at sigma 0
-    w = torch.exp(-0.5 * (k / sigma.clamp_min(1e-3).unsqueeze(1)) ** 2)
+    w = torch.exp(-0.5 * (k / sigma.clamp_min(1e-3).unsqueeze(1)) ** 2)  # (B, 2r+1); 0: a delta
     w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r+1)
     y = F.pad(x.reshape(1, B * C, H, W), (radius,) * 4, mode="reflect")
     y = F.conv2d(y, w[:, None, :, None], groups=B * C)  # vertical pass
@@ -738,9 +714,8 @@ def normalize(x):
 
 
 def photometric_augment(views, tile, view):
-    """Apply the drawn photometric augmentation to a batch of views on their device.
-    views: uint8 (B, 3, S, S); tile: (B, G, 6) per-tile colour params; view: (B, 2) blur sigma and
-    solarize bit. Returns float32 (B, 3, S, S), normalised with the ImageNet mean and std."""
+    """The drawn photometric augmentation of uint8 views (B, 3, S, S) on their device, tile (B, G,
+    6) and view (B, 2) params as drawn. Returns float32 (B, 3, S, S), ImageNet-normalised."""
     x = views.float() / 255
     x = color_jitter_tiles(x, tile)
     x = gaussian_blur(x, view[:, 0])
@@ -758,13 +733,12 @@ def photometric_augment(views, tile, view):
 def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
     """For every patch of a student view, the teacher patch that shows the same point of the image.
 
-    The student patch centre is carried from student-view pixels to original-image pixels through
-    the student crop box, then into teacher-view pixels through the teacher crop box; the target is
-    the teacher patch containing that point. Geometry only: O(N_s), no features.
+    The student patch centre goes from student-view pixels to original-image pixels through the
+    student crop box, then into teacher-view pixels through the teacher crop box; the target is
+    the teacher patch holding that point. Geometry only: O(N_s), no features.
     t_box, s_box: float (B, 4) = (top, left, height, width) in original pixels; t_flip, s_flip: bool
-    (B,); t_size, s_size: view sides in pixels; patch_size: ViT patch side.
-    Returns index long (B, N_s) into the teacher's N_t patch tokens (row-major, CLS excluded) and
-    valid bool (B, N_s): whether the point lies inside the teacher view."""
+    (B,); t_size, s_size: view sides in pixels. Returns index long (B, N_s) into the teacher's N_t
+    patch tokens (row-major, no CLS) and valid bool (B, N_s): the point lies in the teacher view."""
     B = s_box.shape[0]
     gs, gt = s_size // patch_size, t_size // patch_size
     centre = (torch.arange(gs, device=s_box.device, dtype=s_box.dtype) + 0.5) * patch_size  # (gs,)
@@ -796,12 +770,10 @@ def match_by_similarity(t_feats, s_feats):
 
 
 def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=None):
-    """Patch matches for every (teacher global view i, student view v != i) pair of a batch. The
-    pairs of one student resolution go in one call, stacked along the batch as (P B, ...): a few
-    kernel launches per step instead of a few per pair.
-    box float (B, V, 4), flip bool (B, V): the views' geometry, global views first; sizes: the V
-    view sides. By coordinates, or by feature similarity when t_feats (n_global tensors
-    (B, N_t, D), teacher patch tokens) and s_feats (V tensors (B, N_v, D)) are given.
+    """Matches of every (teacher global view i, student view v != i) pair of a batch, the pairs of
+    one student resolution in one call, (P B, ...): a few kernel launches a step, not a few a pair.
+    box float (B, V, 4), flip bool (B, V), sizes (V,): the views, globals first. By similarity
+    when t_feats (n_global x (B, N_t, D)) and s_feats (V x (B, N_v, D)) are given.
     Returns {(i, v): (index (B, N_v), valid (B, N_v))}."""
     B, V = len(box if t_feats is None else t_feats[0]), len(sizes)
     matches = {}
@@ -831,12 +803,11 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
 # ------------------------------------------------------------------------------------------------
 
 class PWSelfLoss(nn.Module):
-    """PW-Self's loss, written as DINO's DINOLoss reads, for every (teacher global view i, student
-    view v != i) pair: cross-entropy between the centred, sharpened teacher CLS output and the
-    student CLS output (the image loss), and between each matched teacher patch output and the
-    student patch output, over the valid matches (the patch loss). CLS and patch outputs have
-    separate centres. Copies alone: it needs torch and numpy only. Training runs PWSelfLossRows
-    below: the same loss on the rows the head actually computes."""
+    """PW-Self's loss as DINO's DINOLoss reads, over every (teacher global view i, student view
+    v != i) pair: cross-entropy from the centred, sharpened teacher CLS output to the student's
+    (the image loss), and from each matched teacher patch output to the student patch's, over the
+    valid matches (the patch loss); CLS and patches have their own centres. Needs torch and numpy
+    only. Training runs PWSelfLossRows below: the same loss on the rows the head computes."""
 
     def __init__(self, out_dim, epochs, warmup_teacher_temp=0.04, teacher_temp=0.04,
                  warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9,
@@ -857,11 +828,9 @@ class PWSelfLoss(nn.Module):
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, matches, epoch):
         """student_cls, student_patch: per student view (globals first), head outputs (B, K) and
-        (B, N_v, K); teacher_cls, teacher_patch: the same for the teacher's global views;
-        matches[i, v]: (index, valid), (B, N_v) each, as match_patches returns them for teacher
-        view i and student view v (none needed when patch_loss_weight is 0).
-        Returns (total, image part, patch part). On several processes each rank averages its own
-        terms, as DINO's loss does; PWSelfLossRows counts them over all ranks."""
+        (B, N_v, K); teacher_cls, teacher_patch: the same for the global views; matches[i, v]:
+        (index, valid) (B, N_v) as match_patches returns them. Returns (total, image, patch).
+        Each rank averages its own terms, as DINO's does; PWSelfLossRows counts over all ranks."""
         temp = self.teacher_temp(epoch)
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
             q_cls = [F.softmax((t.float() - self.center_cls) / temp, dim=-1) for t in teacher_cls]
@@ -1088,12 +1057,11 @@ SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235,
 
 
 def make_synthetic_shapes(n, size=32, seed=0):
-    """A 10-class image set made in memory: the class is a shape or texture (SYNTHETIC_CLASSES),
-    drawn at a random place and scale, in one palette colour over another, with noise.
-    Colour carries no label. It is also drawn from a small palette on purpose: were each image given
-    its own random colours, two crops of it would share a colour histogram that singles it out
-    among thousands, and self-distillation would learn colour and never shape (SimCLR, section 3,
-    shows the same on ImageNet). Returns images uint8 (n, size, size, 3) and labels int64 (n,)."""
+    """A 10-class set made in memory: a shape or texture (SYNTHETIC_CLASSES) at a random place and
+    scale, one palette colour over another, with noise. A small palette on purpose: with its own
+    random colours, an image's crops would share a histogram that singles it out, and
+    self-distillation would learn colour, never shape (SimCLR, section 3). Returns images uint8
+    (n, size, size, 3) and labels int64 (n,)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # (S, S) pixel centres
@@ -1163,9 +1131,7 @@ IMAGENET100_CLASSES = (
 
 
 def load_image(path):
-    """Any image file as 8-bit RGB. Grayscale, palette, RGBA and CMYK are converted by PIL; 16-bit
-    and 32-bit images are scaled to 8 bits rather than clipped (PIL's own convert saturates
-    them)."""
+    """Any image file as 8-bit RGB; 16- and 32-bit images scaled, where PIL's convert saturates."""
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()  # decode now, so a truncated file fails here and not mid-augmentation
@@ -1240,17 +1206,19 @@ def describe(base, index):
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    """PW-Self training samples from a dataset of (PIL image, label). Indexed by (epoch, index),
-    as EpochSampler yields, so every draw comes from a generator seeded by (seed, epoch, index).
-    A worker only decodes, crops, resizes and flips; the colour work waits for the device."""
+    """PW-Self samples of a dataset of (PIL image, label), keyed (epoch, index) by EpochSampler:
+    every draw comes from a generator seeded by (seed, epoch, index). A worker decodes, crops,
+    resizes and flips; the colour work waits for the device."""
 
     def __init__(self, base, seed, global_size, local_size, n_local, patch_size,
                  photometric="patch", global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  blur_sigma=(0.1, 2.0)):
-        self.base, self.seed, self.photometric = base, seed, photometric
-        self.blur_sigma = blur_sigma
+        self.base, self.seed, self.blur_sigma = base, seed, blur_sigma
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
-        self.patch_size, self.global_scale, self.local_scale = patch_size, global_scale, local_scale
+        self.global_scale, self.local_scale = global_scale, local_scale
+        # Photometric draws per view: one per patch (PW-Self), or one for the whole view (DINO).
+        self.tiles = [(s // patch_size) ** 2 if photometric == "patch" else 1
+                      for s in (global_size, local_size)]
 
     def __len__(self):
         return len(self.base)
@@ -1273,15 +1241,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size,
                                                self.local_size, self.n_local, self.global_scale,
                                                self.local_scale)
-        # Photometric draws per view: one per patch (PW-Self), or one for the whole view (DINO).
-        per_patch = self.photometric == "patch"
-        tiles_g = (self.global_size // self.patch_size) ** 2 if per_patch else 1
-        tiles_l = (self.local_size // self.patch_size) ** 2 if per_patch else 1
         # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
         # time on locals; solarization on global 2 only.
-        tile_g, view_g = draw_photometric_params(rng, 2, tiles_g, [1.0, 0.1], [0.0, 0.2],
+        tile_g, view_g = draw_photometric_params(rng, 2, self.tiles[0], [1.0, 0.1], [0.0, 0.2],
                                                  blur_sigma=self.blur_sigma)
-        tile_l, view_l = draw_photometric_params(rng, self.n_local, tiles_l, 0.5, 0.0,
+        tile_l, view_l = draw_photometric_params(rng, self.n_local, self.tiles[1], 0.5, 0.0,
                                                  blur_sigma=self.blur_sigma)
         return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
                     tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label,
@@ -1289,9 +1253,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that yields (epoch, index) keys and can start mid-epoch, at the batch a
-    resumed run stopped at. Rank r takes every world-th index of one seeded permutation, so the
-    union of the ranks' k-th batches is the same global batch whatever the world size."""
+    """DistributedSampler of (epoch, index) keys that can start at the batch a resumed run stopped
+    at. Rank r takes every world-th index of one seeded permutation: the ranks' k-th batches make
+    the same global batch whatever the world size."""
 
     def __init__(self, dataset, num_replicas, rank, seed, batch_size):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
@@ -1342,9 +1306,8 @@ def format_time(seconds):
 
 
 def progress_reporter(log, what, total, unit, every=30):
-    """report(done): logs '  what done/total unit, ETA h:mm:ss' at most once per `every` seconds,
-    so that long work (ImageNet's feature extraction, its linear probe) shows where it is; does
-    nothing without a log."""
+    """report(done) logs '  what done/total unit, ETA h:mm:ss' at most every `every` seconds, so
+    long work (ImageNet's features, its linear probe) shows where it is."""
     start = last = time.time()
 
     def report(done):
@@ -1361,9 +1324,8 @@ def progress_reporter(log, what, total, unit, every=30):
 def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
                  T=0.07, num_classes=None):
     """Weighted k-NN: the k most cosine-similar train images vote for their label with weight
-    exp(similarity / T). Features must be L2-normalised, (N, D). Test images go in chunks sized so
-    that the (chunk, N_train) similarity matrix stays near 2^27 floats, so ImageNet-1K
-    (1.28M x 384) fits. Returns (top-1, top-5) accuracy in percent."""
+    exp(similarity / T). L2-normalised features (N, D); test images in chunks of a (chunk,
+    N_train) matrix near 2^27 floats, so ImageNet-1K fits. Returns (top-1, top-5) in percent."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_features))
     chunk = max(1, 2 ** 27 // len(train_features))
@@ -1384,24 +1346,22 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
 
 def linear_features(blocks, avgpool):
     """DINO's linear-evaluation features from the last blocks' normed tokens, n x (B, 1 + N, D):
-    their CLS tokens concatenated, and with avgpool the last block's mean patch token after them.
-    DINO uses the last 4 blocks for ViT-S and smaller, the last block with avgpool for ViT-B."""
+    their CLS tokens, and with avgpool the last block's mean patch token after them."""
     feats = [t[:, 0] for t in blocks] + ([blocks[-1][:, 1:].mean(dim=1)] if avgpool else [])
     return torch.cat(feats, dim=1)  # (B, n D) or (B, 2 D)
 
 
 def linear_protocol(backbone):
-    """(n_last_blocks, avgpool) of DINO's eval_linear for this backbone's width."""
+    """(n_last_blocks, avgpool) of DINO's eval_linear: 4 blocks up to ViT-S, 1 and avgpool for B."""
     return (1, True) if backbone.embed_dim >= 768 else (4, False)
 
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
                      linear=None):
-    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, on `device`; with
-    linear = (n_last_blocks, avgpool), also the linear probe's features (N, F) in float16
-    (linear_features), from the same forward passes. Each rank extracts its share; the shares are
-    gathered so that every rank ends with all of them, in the dataset's order."""
+    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset; with linear =
+    (n_last_blocks, avgpool) also the probe's float16 features (N, F) from the same passes. Each
+    rank extracts its share; every rank ends with all of them, in the dataset's order."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
@@ -1441,12 +1401,10 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
 
 @torch.no_grad()
 def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
-    """Multinomial logistic regressions on features x (N, F), one per (lr, wd) pair, all trained at
-    once on the same batches: SGD with momentum 0.9 and a cosine learning rate, as DINO's
-    eval_linear, on features standardised by their mean and deviation (which a linear layer can
-    undo, so it changes the conditioning only). The gradient of the mean cross-entropy is written
-    out, softmax(z) - onehot, so no graph is kept. x may be float16; batches go to float32.
-    Returns weights (P, F, C) and biases (P, 1, C) that act on raw features: x @ W + b."""
+    """Logistic regressions on features x (N, F), one per (lr, wd) pair, trained at once on the
+    same batches: SGD, momentum 0.9, cosine lr (DINO's eval_linear), on standardised features
+    (only the conditioning changes). The gradient, softmax(z) - onehot, is written out: no graph.
+    Returns weights (P, F, C) and biases (P, 1, C) for raw features: x @ W + b."""
     N, P, device = len(x), len(lrs), x.device
 
     def chunks():  # x in float32 a slice at a time, never all of it at once
@@ -1482,8 +1440,7 @@ def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, lo
 
 @torch.no_grad()
 def linear_accuracy(x, y, W, b):
-    """Top-1 and top-5 accuracy in percent, (P,) each, of every classifier of a stack (W, b) on
-    features x (N, F); a classifier whose weights went non-finite scores -1."""
+    """Top-1 and top-5 in percent (P,) of each classifier (W, b) on x (N, F); -1 if not finite."""
     top1 = torch.zeros(len(W), device=x.device)
     top5 = torch.zeros(len(W), device=x.device)
     for i in range(0, len(x), 16384):
@@ -1498,11 +1455,9 @@ def linear_accuracy(x, y, W, b):
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS,
                  wds=LINEAR_WDS, holdout=0.1, max_sweep=100_000, seed=0, log=None):
-    """Linear probe on frozen features: every (lr, wd) pair is fitted on the training features less
-    a held-out tenth (at most 10,000 images; the fit at most max_sweep images), the pair with the
-    best held-out top-1 is refitted on all training features, and its val accuracy is reported.
-    Only training images choose the pair. Returns {'linear_top1', 'linear_top5', 'linear_lr',
-    'linear_wd'}."""
+    """Linear probe on frozen features: every (lr, wd) pair fitted on the training features less a
+    held-out tenth (at most 10,000; the fit at most max_sweep), the best on those refitted on all,
+    and its val accuracy reported: only training images choose. Returns {'linear_top1', ...}."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
     n_held = min(max(1, int(holdout * len(train_x))), 10_000)
@@ -1519,9 +1474,8 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LIN
 def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,),
                       linear_epochs=30, batch_size=256, num_workers=0, amp_dtype=None, seed=0,
                       log=print):
-    """k-NN for each k in ks and, if linear_epochs, the linear probe, of a frozen backbone on the
-    EvalDatasets (train, val); logs one line for each. Returns {'knn_top1_k20': ...,
-    'linear_top1': ...}."""
+    """k-NN for each k in ks and, if linear_epochs, the linear probe of a frozen backbone on the
+    EvalDatasets (train, val), a log line each. Returns {'knn_top1_k20': .., 'linear_top1': ..}."""
     protocol = linear_protocol(backbone) if linear_epochs else None
     (train_f, train_y, train_l), (val_f, val_y, val_l) = (
         extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
@@ -1554,8 +1508,8 @@ ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottl
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint:
-    a kill at any moment leaves either the old or the new checkpoint whole, never a torn one."""
+    """Write a temporary file, fsync, rename over the old one: a kill at any moment leaves the old
+    or the new checkpoint whole, never a torn one."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -1565,9 +1519,8 @@ def save_checkpoint(state, path):
 
 
 def read_weights(path, trust=False):
-    """torch.load with the safe loader, which reads our checkpoints (tensors and plain Python values
-    only). A file that needs full unpickling (DINO's own checkpoints store an argparse.Namespace) is
-    refused unless the user says they trust it; an unreadable one ends with a one-line error."""
+    """torch.load with the safe loader, which reads our checkpoints; a file that needs unpickling
+    (DINO's checkpoints hold an argparse.Namespace) only when trusted; one line if unreadable."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
     with open(path, "rb") as f:
@@ -1600,10 +1553,9 @@ def check_same_architecture(saved, args, path):
 
 
 def backbone_state_dict(state, key="teacher"):
-    """The ViT weights of any layout we read, with bare keys (cls_token, blocks.0.attn.qkv.weight):
-    our checkpoints and DINO's full ones ({'teacher': {'backbone.*', 'head.*'}}, keys possibly
-    'module.'-prefixed), DINO's released backbone-only files, and timm ViT state dicts (whose
-    classifier 'head.*' is dropped). `key` picks the teacher or the student of a full checkpoint."""
+    """The ViT weights, keys bare (cls_token, blocks.0.attn.qkv.weight), of our checkpoints, DINO's
+    ({'teacher': {'backbone.*', 'head.*'}}, maybe 'module.'-prefixed), DINO's backbone files and
+    timm ViTs (head dropped); `key` picks the teacher or the student of a full checkpoint."""
     for k in (key, "model", "state_dict"):
         if isinstance(state.get(k), dict):
             state = state[k]
@@ -1617,8 +1569,7 @@ def backbone_state_dict(state, key="teacher"):
 
 
 def load_backbone(backbone, state, source, key="teacher"):
-    """Load weights into a VisionTransformer, interpolating the position embedding to its grid, with
-    a one-line error naming what does not fit."""
+    """Load weights into a ViT, the position embedding resized to its grid; one line on a misfit."""
     state = backbone_state_dict(state, key)
     own = backbone.state_dict()
     pos = state.get("pos_embed")
@@ -1684,9 +1635,8 @@ def unwrap(model):
 
 
 def prepare_views(batch, device):
-    """Move a collated batch to the device and apply the photometric augmentation there.
-    Returns global views (G B, 3, Sg, Sg) and local views (L B, 3, Sl, Sl), None when L is 0, in
-    view-major order (all images' view 0, then view 1, ...), as DINO stacks them."""
+    """A collated batch's views on the device, colour-augmented there: global (G B, 3, Sg, Sg) and
+    local (L B, 3, Sl, Sl) or None, view-major (all images' view 0, then view 1...) as DINO's."""
     def views(key, tile_key, params):
         if batch[key].shape[1] == 0:  # --n_local 0
             return None
@@ -1702,8 +1652,7 @@ def prepare_views(batch, device):
 
 
 def to_device(x, device):
-    """A host tensor onto the device without making the host wait: pinned, then copied
-    asynchronously."""
+    """A host tensor onto the device without making the host wait: pinned, copied asynchronously."""
     if device.type == "cuda" and x.device.type == "cpu":
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
@@ -1711,10 +1660,9 @@ def to_device(x, device):
 
 def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
                matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
-    """One PW-Self iteration on a collated batch: match patches, augment on the device, teacher
-    and student forward (the heads on the used tokens only), loss, backward, AdamW step, teacher
-    EMA. Returns a device tensor (no host sync), float32 (7,): the loss, its image and patch parts,
-    and the teacher's entropies (PWSelfLossRows.teacher_entropy)."""
+    """One PW-Self iteration: match patches, augment, teacher and student forward (heads on the
+    used tokens), loss, backward, AdamW, teacher EMA. Returns float32 (7,) on the device (no
+    sync): the loss, its image and patch parts, the teacher's entropies (PWSelfLossRows)."""
     device = next(teacher.parameters()).device
     patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
     by_coords = matching == "coords" or not patches
@@ -1767,9 +1715,8 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
 
 
 def setup_distributed(device_arg=None):
-    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU); otherwise run
-    as a single process. Multi-node needs nothing more: torchrun's rendezvous sets the variables.
-    Returns (rank, world size, device)."""
+    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU; multi-node
+    needs nothing more), else run as one process. Returns (rank, world size, device)."""
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu or drop "
@@ -1802,9 +1749,8 @@ def encoder_from_args(args, drop_path=0.0):
 
 
 def backbone_from_args(args, flag):
-    """The backbone that --eval_only, --show_attention and --export_backbone work on: --pretrained
-    weights, else the network --checkpoint_key names in output_dir/checkpoint.pth. Returns it and
-    the file it came from."""
+    """The backbone of --eval_only, --show_attention and --export_backbone: --pretrained, else the
+    --checkpoint_key network of output_dir/checkpoint.pth. Returns it and its file."""
     backbone = encoder_from_args(args).backbone
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
     if not args.pretrained and not os.path.exists(path):
@@ -1818,9 +1764,8 @@ def backbone_from_args(args, flag):
 
 
 def start_run(args):
-    """What a training or evaluation run begins with: join the processes, a log that prints on rank
-    0 only, the notes resolve_args left, and the autocast dtype (bf16 on CUDA, none on a CPU).
-    Returns (rank, world, device, log, amp_dtype)."""
+    """Join the processes; a log printing on rank 0 only, which first prints resolve_args' notes;
+    the autocast dtype (bf16 on CUDA). Returns (rank, world, device, log, amp_dtype)."""
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     for note in args.notes:
@@ -1842,8 +1787,8 @@ def rng_state(device):
 def collapse_warning(image_loss_range, entropy_cls, out_dim):
     """(kind, one line naming it) for a collapsed image level in an epoch, or None when healthy:
     uniform outputs, outputs on one dimension, or the same output for every image.
-    image_loss_range: the lowest and highest image loss of the epoch's steps; entropy_cls: the
-    epoch's mean of the teacher's two CLS entropies (`entropies`: rows, batch mean); out_dim: K."""
+    image_loss_range: the epoch's lowest and highest image loss; entropy_cls: the epoch's mean of
+    the teacher's two CLS entropies (`entropies`: rows, batch mean); out_dim: K."""
     ln_k = math.log(out_dim)
     flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
     if flat_loss or entropy_cls[0] >= 0.99 * ln_k:
@@ -1857,9 +1802,8 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
             f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
             f"dimension (entropy of their batch mean {entropy_cls[1]:.2f} < ln 2); raise "
             f"--teacher_temp towards 0.04-0.07, or lower --lr")
-    # mean - row entropy is the information the batch's outputs carry about their images: a few
-    # nats when healthy (up to ln of the rows), near 0 when every image gets the same target.
-    # Near ln K that is a uniform collapse on its way, which the first test names.
+    # mean - row entropy is what the batch's outputs tell about their images: a few nats when
+    # healthy, near 0 when every image gets the same target (near ln K, the uniform case above).
     if entropy_cls[1] - entropy_cls[0] < 0.05 and entropy_cls[0] < 0.95 * ln_k:
         return "constant", (
             f"warning: collapse: the teacher gives every image nearly the same CLS output (entropy "
@@ -1870,25 +1814,22 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
 
 
 def stop_if_not_finite(first_bad, model, step, iters, ckpt_path, weights_too=False):
-    """End the run in one line if the loss went non-finite at a step so far (first_bad, a device
-    scalar: that step, or -1), or, with weights_too, if the weights are no longer finite. Reads the
-    device once, so the loop calls it only when it logs or saves. The loss lags the weights by one
-    step, so before a save the weights are checked too."""
+    """End the run in one line if the loss went non-finite at some step (first_bad, a device
+    scalar: that step, or -1) or, with weights_too (before a save: the loss lags the weights by a
+    step), if the weights did. Reads the device, so the loop calls it only to log or save."""
+    bad, what = int(first_bad.item()), "loss"
     if weights_too and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        raise UserError(f"the weights became non-finite at iteration {step} (epoch "
-                        f"{step // iters + 1}); {ckpt_path} holds the last good state; lower --lr "
-                        "or --teacher_temp and resume with --resume")
-    bad = int(first_bad.item())
+        bad, what = step, "weights"
     if bad >= 0:
-        raise UserError(f"the loss became non-finite at iteration {bad} (epoch "
+        raise UserError(f"the {what} became non-finite at iteration {bad} (epoch "
                         f"{bad // iters + 1}); {ckpt_path} holds the last good state; lower --lr "
                         "or --teacher_temp and resume with --resume")
 
 
 class Progress:
     """What the loop reports, kept out of its body: the sums of train_step's (7,) outputs over the
-    epoch and over the current log window (on the device: adding them costs no sync), the image
-    loss's range for the collapse check, and the window's throughput and the run's ETA."""
+    epoch and the log window (on the device: no sync), the image loss's range for the collapse
+    check, and the window's throughput and the run's ETA."""
     NAMES = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",
              "teacher_entropy_cls_mean", "teacher_entropy_patch", "teacher_entropy_patch_mean")
 
@@ -1910,7 +1851,7 @@ class Progress:
         self.image_range = torch.stack([low.minimum(losses[1]), high.maximum(losses[1])])
 
     def window(self, it, step):
-        """The mean over ranks of the window's outputs (7,), its images/s and the run's ETA in
+        """The window's outputs (7,) averaged over ranks, its images/s and the run's ETA in
         seconds, after iteration `it` (global step `step`); starts the next window."""
         mean = all_reduce_sum(self.window_sum.clone()) / (self.world * (it + 1 - self.window_start))
         now = time.time()
@@ -1929,19 +1870,16 @@ class Progress:
 
 
 def build_models(args, device, rank, world):
-    """Student and teacher, equal at the start (DINO), the student wrapped in DDP across ranks;
-    and the two modules the step calls (compiled with --compile; the teacher stays the plain module
-    for EMA, evaluation and checkpoints)."""
-    # the same init on every rank: DDP syncs the student, not the teacher
-    torch.manual_seed(args.seed)
+    """Student and teacher, equal at the start (DINO), the student in DDP across ranks; and the
+    two modules the step calls (compiled with --compile; the plain teacher does EMA, evaluation
+    and checkpoints)."""
+    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student only
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
-    # from here on only drop path draws, differently per rank
-    torch.manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path, per rank
     if args.pretrained:
-        load_backbone(student.backbone,
-                      read_weights(args.pretrained, args.trust_checkpoint), args.pretrained,
-                      args.checkpoint_key)
+        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint),
+                      args.pretrained, args.checkpoint_key)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     if world > 1:
@@ -1953,8 +1891,8 @@ def build_models(args, device, rank, world):
 
 
 def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world):
-    """Load the run's checkpoint into the models, optimizer and loss, and this rank's random state
-    when the world size is the same (bit-exact resume). Returns (epoch, iteration) to go on from."""
+    """Load the checkpoint into the models, optimizer and loss, and this rank's random state when
+    the world size is the same (bit-exact resume). Returns (epoch, iteration) to go on from."""
     if not os.path.exists(ckpt_path):
         raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     ckpt = read_weights(ckpt_path)
@@ -1971,10 +1909,9 @@ def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, 
 
 
 def train(args):
-    """The whole run, in stages: data, models, optimiser and schedules, resume, the loop, and the
-    end of each epoch (collapse check, checkpoint, evaluation, log.txt). The drivers (train,
-    evaluate, run_tool, main) and their helpers read `args`; every piece they call takes plain
-    values."""
+    """The whole run, in stages: data, models, optimiser and schedules, resume, the loop, the end
+    of each epoch. Only the drivers (train, evaluate, run_tool, main) and their helpers read
+    `args`; every piece they call takes plain values."""
     rank, world, device, log, amp_dtype = start_run(args)
     local_batch = args.batch_size // world
     prepare_output_dir(args.output_dir)
@@ -2139,11 +2076,10 @@ def pair_colour(i):
 
 
 def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
-    """Picture of the method on one image: a teacher global view and a student local view, cut by
-    the real spatial augmentation, each matched pair of patches outlined in one colour (students
-    matched to the same teacher patch share its colour), unmatched student patches greyed. Top row:
-    per-patch colour augmentation; bottom row: per-view (DINO) for contrast.
-    Returns the matched pairs [(student patch, teacher patch)], and the views' box and flip."""
+    """The method on one image: a teacher global and a student local view cut by the real
+    augmentation, each matched pair outlined in the teacher patch's colour, unmatched student
+    patches greyed; per-patch colours on top, per-view (DINO) below. Returns the pairs
+    [(student patch, teacher patch)], and the views' box and flip."""
     from PIL import ImageDraw
     seed %= 2 ** 64  # numpy wants seeds >= 0
     rng = np.random.default_rng(seed)

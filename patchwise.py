@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -275,9 +276,8 @@ def resolve_args(argv=None):
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
-    args.global_scale, args.local_scale = tuple(args.global_scale), tuple(args.local_scale)
-    args.blur_sigma = tuple(args.blur_sigma)
-    args.knn_k = tuple(args.knn_k)
+    for key in ("global_scale", "local_scale", "blur_sigma", "knn_k"):  # lists when given
+        setattr(args, key, tuple(getattr(args, key)))
     # More loader processes than the cores this rank may use only make them fight for the cores.
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores count
     cores = len(affinity(0)) if affinity else os.cpu_count() or 1
@@ -971,6 +971,8 @@ def mix_targets(q, target, weight):
 
 
 CHUNK = 2 ** 26  # elements of one of the loss's (rows, K) float32 temporaries: 256 MB
+# torch 2.4's checkpoint warns about its own call of a deprecated autocast: not the user's to fix
+warnings.filterwarnings("ignore", r"`torch\.cpu\.amp\.autocast", FutureWarning)
 
 
 def row_chunks(x):
@@ -2111,10 +2113,10 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
             for k in range(0, size + 1, patch_size):  # the ViT patch grid
                 draw.line([(ox + k, oy), (ox + k, oy + size)], fill=(255, 255, 255), width=1)
                 draw.line([(ox, oy + k), (ox + size, oy + k)], fill=(255, 255, 255), width=1)
-        gs, gt = local_size // patch_size, global_size // patch_size
         for n, t in pairs:
             colour = pair_colour(t)
-            for (ox, oy), (r, c) in zip(origins, (divmod(t, gt), divmod(n, gs))):
+            for (ox, oy), (r, c) in zip(origins, (divmod(t, global_size // patch_size),
+                                                  divmod(n, local_size // patch_size))):
                 left, top = ox + c * patch_size, oy + r * patch_size
                 draw.rectangle([left, top, left + patch_size - 1, top + patch_size - 1],
                                outline=colour, width=2)

@@ -223,7 +223,7 @@ def step_memory_child(variant, batch):
     in MiB, as JSON. The loss's row chunk is scaled to this batch as for a batch of 128, so the
     loss's temporaries take the share of memory they take in a GPU run."""
     import resource
-    pw.CHUNK = pw.CHUNK * batch // 128
+    pw.SoftCrossEntropy.CHUNK = pw.SoftCrossEntropy.CHUNK * batch // 128
     step, _, _ = build_variant(variant, torch.device("cpu"), "vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), batch,
                                torch.bfloat16)
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20

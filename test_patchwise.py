@@ -499,18 +499,18 @@ def test_the_reference_loss_and_the_fast_path_give_the_same_losses_gradients_and
 
 
 def test_soft_cross_entropy_backward_is_the_gradient_of_its_forward(monkeypatch):
-    monkeypatch.setattr(pw, "CHUNK", 18)  # chunks of 3 rows: the seams are checked too
+    monkeypatch.setattr(pw.SoftCrossEntropy, "CHUNK", 18)  # chunks of 3 rows: the seams are checked too
     g = torch.Generator().manual_seed(6)
     M_s, M_t, K = 7, 4, 6
     s = torch.randn(M_s, K, generator=g, dtype=torch.float64, requires_grad=True)
     q = torch.softmax(torch.randn(M_t, K, generator=g, dtype=torch.float64), -1)
     target = torch.randint(0, M_t, (M_s, 2), generator=g)
     weight = torch.rand(M_s, 2, generator=g, dtype=torch.float64) * (torch.rand(M_s, 2, generator=g) < 0.7)
-    assert torch.autograd.gradcheck(lambda x: pw.soft_cross_entropy(x, q, target, weight, 0.1), (s,))
+    assert torch.autograd.gradcheck(lambda x: pw.SoftCrossEntropy.apply(x, q, target, weight, 0.1), (s,))
     # and the forward is the cross-entropy written out
     t = sum(weight[:, i, None] * q[target[:, i]] for i in range(2))
     ref = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1)
-    assert torch.allclose(pw.soft_cross_entropy(s, q, target, weight, 0.1), ref, rtol=1e-12)
+    assert torch.allclose(pw.SoftCrossEntropy.apply(s, q, target, weight, 0.1), ref, rtol=1e-12)
 
 
 def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
@@ -547,7 +547,7 @@ def test_teacher_entropies_tell_a_healthy_teacher_from_both_collapses(monkeypatc
     assert torch.isclose(row, -(healthy * healthy.log()).sum(1).mean())
     assert torch.isclose(mean, -(healthy.mean(0) * healthy.mean(0).log()).sum())
     assert row < 0.5 * math.log(K) < mean
-    monkeypatch.setattr(pw, "CHUNK", 3 * K)
+    monkeypatch.setattr(pw.SoftCrossEntropy, "CHUNK", 3 * K)
     assert torch.allclose(pw.entropies(healthy), torch.stack([row, mean]))
     assert pw.entropies(torch.zeros(0, K)).tolist() == [0.0, 0.0]
 

@@ -109,8 +109,8 @@ CPU_SAMPLES = 32_000
 
 
 def folder_preset(data_path, cuda):
-    """The preset for --data folder: PRESETS['folder'], or for small images the demo's with its
-    epochs set from the set's size. Returns (preset, a line saying which)."""
+    """PRESETS['folder'], or for small images the demo's, its epochs set from the set's size.
+    Returns (preset, a line saying which)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
     root = os.path.join(data_path, "train")
     classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
@@ -435,14 +435,11 @@ def interpolate_pos_embed(pos_embed, grid):
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-def _init_weights(m):
+def _init_weights(m):  # DINO's; LayerNorms keep their own init, ones and zeros
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 class VisionTransformer(nn.Module):
@@ -758,9 +755,8 @@ def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
 
 
 def match_by_similarity(t_feats, s_feats):
-    """The ablation: each student patch takes the teacher patch of highest cosine similarity of
-    backbone features (EsViT/GTSA style), O(N_s N_t D). t_feats (B, N_t, D), s_feats (B, N_s, D).
-    Returns index (B, N_s) and valid (B, N_s), all True."""
+    """The ablation (EsViT/GTSA): each student patch takes the teacher patch of highest cosine
+    similarity, O(N_s N_t D), of t_feats (B, N_t, D), s_feats (B, N_s, D). Valid all True."""
     s, t = F.normalize(s_feats.float(), dim=-1), F.normalize(t_feats.float(), dim=-1)
     sim = s @ t.transpose(1, 2)  # (B, N_s, N_t)
     index = sim.argmax(dim=-1)
@@ -895,11 +891,10 @@ class PWSelfLoss(nn.Module):
 # (the step's analytic ratio to DINO at ViT-S/16 falls from 1.33x to 1.27x).
 
 def head_rows(n_tokens, B, keep=None, device="cpu"):
-    """Which backbone tokens go through the head, as positions in the tokens of V views flattened
-    (view, image, token), as the Encoder flattens them: the CLS tokens of all views first, then
-    the kept patches, so the loss finds each kind in one slice. n_tokens: 1 + N_v per view; keep:
-    per view bool (B, N_v), or None for every patch.
-    Returns rows long (M,) and, per view, each position's row, long (B, 1 + N_v), -1 if not kept."""
+    """The tokens that go through the head, as positions in V views' tokens flattened (view, image,
+    token) as the Encoder does: all CLS tokens first, then the kept patches (keep: bool (B, N_v)
+    per view, or None for all), so the loss finds each kind in one slice. n_tokens: 1 + N_v per
+    view. Returns rows long (M,) and, per view, each position's row (B, 1 + N_v), -1 if not kept."""
     start = np.cumsum([0] + [B * n for n in n_tokens])
     # (B, 1 + N_v)
     pos = [start[v] + torch.arange(B * n, device=device).view(B, n) for v, n in enumerate(n_tokens)]
@@ -960,9 +955,8 @@ def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
 
 
 def mix_targets(q, target, weight):
-    """Each student row's target: the teacher probabilities q (M_t, K) of its partners, rows target
-    (M_s, G), summed with weight (M_s, G). Cross-entropy is linear in the target, so one product
-    per student row serves all of its partners."""
+    """Each student row's target: q (M_t, K) at its partners' rows target (M_s, G), summed with
+    weight (M_s, G). Cross-entropy is linear in the target: one product per row serves all."""
     t = q[target[:, 0]].mul_(weight[:, :1])  # (M_s, K)
     for i in range(1, target.shape[1]):
         t.addcmul_(q[target[:, i]], weight[:, i:i + 1])
@@ -1007,10 +1001,9 @@ class SoftCrossEntropy(torch.autograd.Function):
 
 
 def entropies(q):
-    """The two numbers that tell a healthy teacher from a collapsed one, for probabilities q (M, K):
-    the mean entropy of its rows and the entropy of their mean, in nats. Healthy: confident rows
-    (low) that differ between tokens (mean high). Uniform collapse: both near ln K. Collapse onto
-    one dimension: both near 0. (0, 0) for no rows. Returns (2,) in q's dtype."""
+    """For probabilities q (M, K): the mean entropy of its rows and the entropy of their mean, in
+    nats, (2,), (0, 0) for no rows. Healthy: confident rows (low) that differ (mean high). Uniform
+    collapse: both near ln K. Collapse onto one dimension: both near 0."""
     if len(q) == 0:
         return q.new_zeros(2)
     # xlogy(0, 0) is 0, and it is the fastest of torch's p log p forms on a CPU
@@ -1415,10 +1408,9 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
 
 @torch.no_grad()
 def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
-    """Logistic regressions on features x (N, F), one per (lr, wd) pair, trained at once on the
-    same batches: SGD, momentum 0.9, cosine lr (DINO's eval_linear), on standardised features
-    (only the conditioning changes). The gradient, softmax(z) - onehot, is written out: no graph.
-    Returns weights (P, F, C) and biases (P, 1, C) for raw features: x @ W + b."""
+    """Logistic regressions on x (N, F), one per (lr, wd) pair, trained at once on the same batches:
+    SGD, momentum 0.9, cosine lr (DINO's eval_linear), on standardised features; the gradient,
+    softmax(z) - onehot, written out. Returns W (P, F, C) and b (P, 1, C): x @ W + b."""
     N, P, device = len(x), len(lrs), x.device
 
     def chunks():  # x in float32 a slice at a time, never all of it at once
@@ -1799,10 +1791,9 @@ def rng_state(device):
 
 
 def collapse_warning(image_loss_range, entropy_cls, out_dim):
-    """(kind, one line naming it) for a collapsed image level in an epoch, or None when healthy:
-    uniform outputs, outputs on one dimension, or the same output for every image.
-    image_loss_range: the epoch's lowest and highest image loss; entropy_cls: the epoch's mean of
-    the teacher's two CLS entropies (`entropies`: rows, batch mean); out_dim: K."""
+    """(kind, warning line) if the image level collapsed this epoch (uniform, on one dimension, or
+    the same output for every image), else None. image_loss_range: the epoch's lowest and highest
+    image loss; entropy_cls: its mean CLS entropies (`entropies`: rows, batch mean)."""
     ln_k = math.log(out_dim)
     flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
     if flat_loss or entropy_cls[0] >= 0.99 * ln_k:
@@ -1841,9 +1832,8 @@ def stop_if_not_finite(first_bad, model, step, iters, ckpt_path, weights_too=Fal
 
 
 class Progress:
-    """What the loop reports, kept out of its body: the sums of train_step's (7,) outputs over the
-    epoch and the log window (on the device: no sync), the image loss's range for the collapse
-    check, and the window's throughput and the run's ETA."""
+    """The loop's reports, out of its body: sums of train_step's (7,) outputs over the epoch and
+    the log window (on the device: no sync), the image loss's range, throughput and ETA."""
     NAMES = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",
              "teacher_entropy_cls_mean", "teacher_entropy_patch", "teacher_entropy_patch_mean")
 
@@ -1884,9 +1874,8 @@ class Progress:
 
 
 def build_models(args, device, rank, world):
-    """Student and teacher, equal at the start (DINO), the student in DDP across ranks; and the
-    two modules the step calls (compiled with --compile; the plain teacher does EMA, evaluation
-    and checkpoints)."""
+    """Student (in DDP) and teacher, equal at the start; and the two modules the step calls,
+    compiled with --compile (the plain teacher does EMA, evaluation and checkpoints)."""
     torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student only
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)

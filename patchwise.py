@@ -17,7 +17,7 @@ tensors and plain values, so it can be copied alone into another project.
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
 
-Measured on a 2-core x86_64 VM (AMD EPYC), no GPU, torch 2.14.1: the demo runs in 163-185 s and
+Measured on 2-core x86_64 VMs (AMD EPYC), no GPU, torch 2.14.1: the demo runs in 163-197 s and
 lifts the teacher's k-NN top-1 (k=20) from 47.9% to 60.9% (3 seeds; seed 0's linear probe: 49.0% to
 63.9%). GPU runs: not measured yet.
 """

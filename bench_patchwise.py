@@ -180,7 +180,6 @@ def build_variant(name, device, arch, depth, patch, global_size, local_size, n_l
 def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, head, batch, repeats):
     """Step time, FLOPs, MFU and (on CUDA) peak memory of DINO, PW-Self and PW-Self with similarity
     matching, built side by side and timed in turn (interleaved_medians)."""
-    dims = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768}
     sizes_student, sizes_teacher = [global_size] * 2 + [local_size] * n_local, [global_size] * 2
     sim_pairs = [(s, global_size) for i in range(2) for v, s in enumerate(sizes_student) if v != i]
     cuda = device.type == "cuda"
@@ -192,7 +191,7 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
     for name, (step, resident_bytes, collated) in variants.items():
         weight, _, matching = VARIANTS[name]
         tokens = head_tokens(collated, sizes_student, patch, weight > 0, matching == "coords")
-        flops = batch * step_flops(dims[arch], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
+        flops = batch * step_flops(pw.VIT_SIZES[arch][0], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
                                    sim_pairs if matching == "similarity" else ())
         results[name] = dict(flops=flops, head_tokens_per_image=tokens, peak_mem_gib=None, step_s=times[name],
                              img_s=batch / times[name])

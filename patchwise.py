@@ -97,7 +97,7 @@ PRESETS = {
     "in1k": dict(),
     "folder": dict(knn_every=10),
 }
-ARCHS = ("vit_tiny", "vit_small", "vit_base")
+VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 # The linear probe's sweep: SGD learning rates on standardised features, L2 penalties wd/2 |W|^2.
 LINEAR_LRS, LINEAR_WDS = (1e-3, 1e-2, 1e-1, 1.0), (0.0, 1e-3, 1e-2)
 # --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
@@ -187,7 +187,7 @@ def build_parser():
     d.add_argument("--max_bad_images", type=float, default=0.01,
                    help="Fraction of unreadable images in an epoch above which the run stops.")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=ARCHS, help="ViT-tiny, -small or -base.")
+    m.add_argument("--arch", choices=list(VIT_SIZES), help="ViT-tiny, -small or -base.")
     m.add_argument("--patch_size", type=int, choices=(4, 8, 16),
                    help="ViT patch side in pixels, also the per-patch augmentation's tile.")
     m.add_argument("--depth", type=int, help="Number of transformer blocks.")
@@ -494,9 +494,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1](x, return_attention=True)[1]
-
-
-VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 
 
 def vit(arch, patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):

@@ -120,12 +120,11 @@ def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, to
     return 3 * student + teacher + similarity
 
 
-def head_tokens(batch, sizes, patch, patches, compact):
-    """Tokens per image that go through the student and teacher heads in train_step on this batch."""
-    B, n_tokens = len(batch["box"]), [1 + (s // patch) ** 2 for s in sizes]
-    matches = pw.match_views(batch["box"], batch["flip"], sizes, patch) if patches else {}
-    pairs = pw.token_pairs(matches, n_tokens, B, 2, patches, compact)
-    return len(pairs.student_rows) / B, len(pairs.teacher_rows) / B
+def head_tokens(sizes, patch, patches):
+    """Tokens per image that go through the student and teacher heads in train_step: every token
+    of every view (the teacher's: the 2 globals), or only the CLS tokens for plain DINO."""
+    n_tokens = [1 + (s // patch) ** 2 if patches else 1 for s in sizes]
+    return sum(n_tokens), sum(n_tokens[:2])
 
 
 def host_syncs(step):
@@ -160,7 +159,7 @@ def build_variant(name, device, arch, depth, patch, global_size, local_size, n_l
     teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    loss_fn = pw.PWSelfLossRows(K, 100, patch_loss_weight=weight).to(device)
+    loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
     opt = torch.optim.AdamW(pw.param_groups(student), fused=device.type == "cuda")
 
     def step():
@@ -190,7 +189,7 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
     results = {}
     for name, (step, resident_bytes, collated) in variants.items():
         weight, _, matching = VARIANTS[name]
-        tokens = head_tokens(collated, sizes_student, patch, weight > 0, matching == "coords")
+        tokens = head_tokens(sizes_student, patch, weight > 0)
         flops = batch * step_flops(pw.VIT_SIZES[arch][0], depth, patch, sizes_student, sizes_teacher, head, K, tokens,
                                    sim_pairs if matching == "similarity" else ())
         results[name] = dict(flops=flops, head_tokens_per_image=tokens, peak_mem_gib=None, step_s=times[name],
@@ -219,10 +218,8 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
 def step_memory_child(variant, batch):
     """Run in a fresh process by bench_step_memory: two bf16-autocast training steps of ViT-S/16 at
     224/96 px, K 8192, on the CPU; prints the process's RSS before the first step and at its peak,
-    in MiB, as JSON. The loss's row chunk is scaled to this batch as for a batch of 128, so the
-    loss's temporaries take the share of memory they take in a GPU run."""
+    in MiB, as JSON."""
     import resource
-    pw.SoftCrossEntropy.CHUNK = pw.SoftCrossEntropy.CHUNK * batch // 128
     step, _, _ = build_variant(variant, torch.device("cpu"), "vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), batch,
                                torch.bfloat16)
     before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20

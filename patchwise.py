@@ -250,7 +250,7 @@ def build_parser():
     r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's models (slow first steps).")
-    t = p.add_argument_group("weights and pictures")
+    t = p.add_argument_group("weights (pictures and export: patchwise_tools.py)")
     t.add_argument("--pretrained",
                    help="Backbone weights to start from or, with --eval_only, to evaluate: ours, "
                         "DINO's checkpoints or backbones, timm ViT state dicts.")
@@ -258,11 +258,6 @@ def build_parser():
                    help="Which network of a full checkpoint to read.")
     t.add_argument("--trust_checkpoint", action="store_true",
                    help="Allow full unpickling of --pretrained (DINO's files need it).")
-    t.add_argument("--export_backbone", metavar="FILE",
-                   help="Write the teacher backbone in DINO's released layout.")
-    t.add_argument("--show_matching", metavar="IMAGE", help="Draw IMAGE's matched patches (--out).")
-    t.add_argument("--show_attention", metavar="IMAGE", help="Draw the CLS attention (--out).")
-    t.add_argument("--out", help="Output PNG of the pictures.")
     return p
 
 
@@ -539,20 +534,21 @@ class DINOHead(nn.Module):
 
 class Encoder(nn.Module):
     """Backbone + head, DINO's MultiCropWrapper: one backbone call per resolution of views, then
-    the head on the tokens `rows` picks, (resolution, view, image, token) flattened (head_rows),
-    or on all. Returns the tokens, one (B_r, 1 + N_r, D) per resolution, and the head's (M, K)."""
+    one head call over the tokens of all of them (fewer, larger matrix products): every token, or
+    with patches=False the CLS tokens alone (plain DINO pays for no patch in the head). Returns the
+    tokens and the head's outputs, one (B_r, 1 + N_r, D) and one (B_r, T_r, K) per resolution,
+    T_r = 1 + N_r or 1."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops, rows=None):
+    def forward(self, crops, patches=True):
         tokens = [self.backbone(x) for x in crops]  # each (B_r, 1 + N_r, D)
-        flat = torch.cat([t.flatten(0, 1) for t in tokens])  # (sum B_r (1 + N_r), D)
-        if rows is not None:
-            flat = flat.index_select(0, rows)  # (M, D)
-        # One head call over the used tokens of all resolutions: fewer, larger matrix products.
-        return tokens, self.head(flat)  # (M, K)
+        used = tokens if patches else [t[:, :1] for t in tokens]  # each (B_r, T_r, D)
+        out = self.head(torch.cat([t.flatten(0, 1) for t in used]))  # (sum B_r T_r, K)
+        out = out.split([t.shape[0] * t.shape[1] for t in used])
+        return tokens, [o.view(*t.shape[:2], -1) for o, t in zip(out, used)]
 
 
 def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size=224,
@@ -798,11 +794,10 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
 # ------------------------------------------------------------------------------------------------
 
 class PWSelfLoss(nn.Module):
-    """PW-Self's loss as DINO's DINOLoss reads, over every (teacher global view i, student view
-    v != i) pair: cross-entropy from the centred, sharpened teacher CLS output to the student's
-    (the image loss), and from each matched teacher patch output to the student patch's, over the
-    valid matches (the patch loss); CLS and patches have their own centres. Needs torch and numpy
-    only. Training runs PWSelfLossRows below: the same loss on the rows the head computes."""
+    """PW-Self's loss, DINO's DINOLoss with a patch level, over every (teacher global view i,
+    student view v != i) pair: cross-entropy from the centred, sharpened teacher CLS output to the
+    student's (the image loss), and from each matched teacher patch output to the student patch's,
+    over the valid matches (the patch loss). CLS and patches have their own centres."""
 
     def __init__(self, out_dim, epochs, warmup_teacher_temp=0.04, teacher_temp=0.04,
                  warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9,
@@ -821,235 +816,78 @@ class PWSelfLoss(nn.Module):
     def teacher_temp(self, epoch):
         return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
 
-    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, matches, epoch):
-        """student_cls, student_patch: per student view (globals first), head outputs (B, K) and
-        (B, N_v, K); teacher_cls, teacher_patch: the same for the global views; matches[i, v]:
-        (index, valid) (B, N_v) as match_patches returns them. Returns (total, image, patch).
-        Each rank averages its own terms, as DINO's does; PWSelfLossRows counts over all ranks."""
-        temp = self.teacher_temp(epoch)
+    def forward(self, student_out, teacher_out, matches, epoch):
+        """student_out: per student view (globals first) the head's outputs (B, 1 + N_v, K), CLS
+        first, or only the CLS's (B, 1, K) for plain DINO; teacher_out: the same for the global
+        views; matches[i, v]: (index, valid) (B, N_v), as match_patches returns them. Returns
+        (total, image part, patch part); leaves the teacher's entropies (`entropies`) in
+        self.teacher_entropy, (4,): CLS rows, CLS mean, patch rows, patch mean."""
+        temp, w = self.teacher_temp(epoch), self.patch_loss_weight
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
-            q_cls = [F.softmax((t.float() - self.center_cls) / temp, dim=-1) for t in teacher_cls]
-            q_patch = [F.softmax((t.float() - self.center_patch) / temp, dim=-1)
-                       for t in teacher_patch]
-        hits = [torch.zeros(t.shape[:2], dtype=torch.long, device=t.device) for t in teacher_patch]
-        loss_image = loss_patch = torch.zeros((), device=teacher_cls[0].device)
-        n_pairs = 0
-        for i in range(len(teacher_cls)):
-            for v in range(len(student_cls)):
-                if v == i:
-                    continue
-                n_pairs += 1
-                logp = F.log_softmax(student_cls[v].float() / self.student_temp, dim=-1)  # (B, K)
-                image, n_image = -(q_cls[i] * logp).sum(), len(logp)
-                patch, n_patch = 0.0, 0
-                if self.patch_loss_weight > 0:
-                    index, valid = matches[i, v]  # (B, N_v) each
-                    K = q_patch[i].shape[-1]
-                    # (B, N_v, K)
-                    target = q_patch[i].gather(1, index.unsqueeze(-1).expand(-1, -1, K))
-                    logp = F.log_softmax(student_patch[v].float() / self.student_temp, dim=-1)
-                    patch = (-(target * logp).sum(-1) * valid).sum()  # invalid matches add 0
-                    n_patch = valid.sum()
-                    hits[i].scatter_add_(1, index, valid.long())  # which teacher patches were read
-                if self.loss_weighting == "sum":  # each level a mean; a pair without matches adds 0
-                    loss_image = loss_image + image / n_image
-                    loss_patch = loss_patch + self.patch_loss_weight * patch / max(n_patch, 1)
-                else:  # token_mean: the pair's CLS and patch terms averaged as one set of tokens
-                    loss_image = loss_image + image / (n_image + n_patch)
-                    loss_patch = loss_patch + self.patch_loss_weight * patch / (n_image + n_patch)
-        loss_image, loss_patch = loss_image / n_pairs, loss_patch / n_pairs
-        # (M_p, K): the patches the loss read
-        used = [t[h > 0] for t, h in zip(teacher_patch, hits)]
-        self.update_center(torch.cat(teacher_cls), torch.cat(used) if used else teacher_cls[0][:0])
+            q_cls = [F.softmax((t[:, 0].float() - self.center_cls) / temp, dim=-1)
+                     for t in teacher_out]  # each (B, K)
+            q_patch = [F.softmax((t[:, 1:].float() - self.center_patch) / temp, dim=-1)
+                       for t in teacher_out]  # each (B, N_t, K)
+        logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
+        pairs = [(i, v) for i in range(len(teacher_out)) for v in range(len(student_out)) if v != i]
+        B, K = logp[0].shape[0], logp[0].shape[-1]
+        # Valid matches per pair over all ranks, divided by the ranks (DDP averages their
+        # gradients): the patch loss is the mean over the global batch's matches however it is
+        # split. On the device: the host does not wait.
+        n_patch = torch.zeros(len(pairs), device=logp[0].device)
+        if w > 0:
+            n_patch = all_reduce_sum(torch.stack([matches[p][1].sum() for p in pairs]).float())
+            n_patch = n_patch / (dist.get_world_size() if _distributed() else 1)
+        hits = [torch.zeros(q.shape[:2], dtype=torch.long, device=q.device) for q in q_patch]
+        loss_image = loss_patch = torch.zeros((), device=logp[0].device)
+        for k, (i, v) in enumerate(pairs):
+            image = -(q_cls[i] * logp[v][:, 0]).sum()  # summed over the B images
+            patch = 0.0
+            if w > 0:
+                index, valid = matches[i, v]  # (B, N_v) each
+                target = q_patch[i].gather(1, index.unsqueeze(-1).expand(-1, -1, K))  # (B, N_v, K)
+                patch = ((-(target * logp[v][:, 1:]).sum(-1)) * valid).sum()  # invalid ones add 0
+                hits[i].scatter_add_(1, index, valid.long())  # which teacher patches were read
+            if self.loss_weighting == "sum":  # each level a mean; a pair without matches adds 0
+                loss_image = loss_image + image / B
+                loss_patch = loss_patch + w * patch / n_patch[k].clamp_min(1)
+            else:  # token_mean: the pair's CLS and patch terms averaged as one set of tokens
+                loss_image = loss_image + image / (B + n_patch[k])
+                loss_patch = loss_patch + w * patch / (B + n_patch[k])
+        loss_image, loss_patch = loss_image / len(pairs), loss_patch / len(pairs)
+        with torch.no_grad():
+            q_patch, read = torch.cat(q_patch).flatten(0, 1), torch.cat(hits).flatten() > 0
+            self.teacher_entropy = torch.cat([entropies(torch.cat(q_cls)),
+                                              entropies(q_patch, read)])
+            t_patch = torch.cat([t[:, 1:] for t in teacher_out]).flatten(0, 1)  # (G B N_t, K)
+            self.update_center(torch.cat([t[:, 0] for t in teacher_out]), t_patch, read)
         return loss_image + loss_patch, loss_image, loss_patch
 
     @torch.no_grad()
-    def update_center(self, cls, patch):
+    def update_center(self, cls, patch, read):
         """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
-        outputs apart; the patch mean is over the teacher patches the loss read."""
-        # no host sync
-        n = [torch.full((1,), float(len(x)), device=cls.device) for x in (cls, patch)]
-        stats = torch.cat([cls.sum(0, dtype=torch.float32), patch.sum(0, dtype=torch.float32), *n])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
+        outputs apart; the patch mean is over the patches the loss read (read: bool (M_p,))."""
+        read = read.unsqueeze(1).float()  # (M_p, 1)
+        n = torch.cat([torch.full((1,), float(len(cls)), device=cls.device), read.sum(0)])  # no sync
+        stats = all_reduce_sum(torch.cat([cls.float().sum(0), (patch.float() * read).sum(0), n]))
         K, m = cls.shape[1], self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
-        # Only when some rank had patch outputs (never, for plain DINO): decided on the device from
+        # Only when some rank read patch outputs (never, for plain DINO): decided on the device from
         # the reduced count, so every rank decides alike and the host does not wait.
         moved = m * self.center_patch + (1 - m) * stats[K:2 * K] / stats[-1].clamp_min(1)
         self.center_patch.copy_(torch.where(stats[-1] > 0, moved, self.center_patch))
 
 
-# ------------------------------------------------------------------------------------------------
-# The same loss, computed faster: the head on the used tokens only
-# ------------------------------------------------------------------------------------------------
-# Training asks the head only for the tokens the loss reads (every CLS, the matched student
-# patches, the teacher patches they point to: 578 of 690 student and 329 of 394 teacher tokens
-# per image at 224/96 px), and goes through the (rows, K) cross-entropy in chunks with its
-# backward written out. Training runs this path, by measurement (2-core CPU, forward and backward
-# of one step): as fast as the reference (250 ms against 256 at the demo's sizes; 3.86 s both at
-# ViT-S/16, K 8192, batch 4), with 9% less memory over the models' (1,315 MiB against 1,438 at
-# that ViT-S/16 step), and fewer FLOPs (the step's analytic ratio to DINO at ViT-S/16 falls from
-# 1.33x to 1.27x), which a GPU should turn into time (not measured yet).
-
-def head_rows(n_tokens, B, keep=None, device="cpu"):
-    """The tokens that go through the head, as positions in V views' tokens flattened (view, image,
-    token) as the Encoder does: all CLS tokens first, then the kept patches (keep: bool (B, N_v)
-    per view, or None for all), so the loss finds each kind in one slice. n_tokens: 1 + N_v per
-    view. Returns rows long (M,) and, per view, each position's row (B, 1 + N_v), -1 if not kept."""
-    start = np.cumsum([0] + [B * n for n in n_tokens])
-    # (B, 1 + N_v)
-    pos = [start[v] + torch.arange(B * n, device=device).view(B, n) for v, n in enumerate(n_tokens)]
-    cls = torch.cat([p[:, 0] for p in pos])  # (V B,)
-    if keep is None:
-        patch = torch.cat([p[:, 1:].flatten() for p in pos])
-    else:  # a boolean mask: on the host, with the geometry, its size is known without a device sync
-        patch = torch.cat([p[:, 1:][k] for p, k in zip(pos, keep)])
-    rows = torch.cat([cls, patch])  # (M,)
-    row_of = torch.full((int(start[-1]),), -1, dtype=torch.long, device=device)
-    row_of[rows] = torch.arange(len(rows), device=device)
-    return rows, [row_of[p] for p in pos]
-
-
-# student_rows (M_s,), teacher_rows (M_t,): the tokens given to the head (head_rows); target long
-# (M_s, G): for each student row and teacher view i, the teacher row it learns from; group long
-# (M_s, G): that term's normaliser, 2k for the CLS and 2k + 1 for the patches of pair k (pairs
-# (i, v), v != i, in order), 2 n_pairs for no term; n_cls: CLS rows of student and teacher.
-TokenPairs = collections.namedtuple("TokenPairs",
-                                    "student_rows teacher_rows target group n_pairs n_cls")
-
-
-def token_pairs(matches, n_tokens, B, n_global=2, patches=True, compact=True):
-    """The TokenPairs of a batch. n_tokens: 1 + N_v for the V student views, globals first;
-    matches as match_views returns them (unused without patches: plain DINO). compact keeps only
-    the valid student patches and the teacher patches they point to; without it the head runs on
-    every patch (similarity matching, whose matches come after the head's input is chosen)."""
-    V, G = len(n_tokens), n_global
-    pairs = [(i, v) for i in range(G) for v in range(V) if v != i]
-    none = 2 * len(pairs)
-    device = next(iter(matches.values()))[0].device if matches else "cpu"
-    b = torch.arange(B, device=device).view(B, 1)
-    # Per student view and position: the teacher position (view i, image b, token t) each token
-    # learns from, i B (1 + N_t) + b (1 + N_t) + t, and its group; (B, 1 + N_v, G) each.
-    target = [torch.zeros(B, n, G, dtype=torch.long, device=device) for n in n_tokens]
-    group = [torch.full((B, n, G), none, dtype=torch.long, device=device) for n in n_tokens]
-    s_keep = [torch.zeros(B, n - 1, dtype=torch.bool, device=device) for n in n_tokens]  # (B, N_v)
-    t_hits = torch.zeros(G, B, n_tokens[0] - 1, dtype=torch.long, device=device)  # (G, B, N_t)
-    for k, (i, v) in enumerate(pairs):
-        first = (i * B + b) * n_tokens[0]  # (B, 1): image b's CLS token in teacher view i
-        target[v][:, :1, i], group[v][:, :1, i] = first, 2 * k
-        if patches:
-            index, valid = matches[i, v]  # (B, N_v) each
-            target[v][:, 1:, i] = first + 1 + index
-            group[v][:, 1:, i] = torch.where(valid, 2 * k + 1, none)
-            s_keep[v] |= valid
-            t_hits[i].scatter_add_(1, index, valid.long())
-    if patches and not compact:
-        s_keep, t_hits = None, None
-    student_rows, _ = head_rows(n_tokens, B, s_keep, device)  # plain DINO: no patch kept
-    teacher_rows, t_row_of = head_rows(n_tokens[:1] * G, B,
-                                       None if t_hits is None else list(t_hits > 0), device)
-    t_row_of = torch.cat([r.flatten() for r in t_row_of])  # teacher position -> row
-    target = torch.cat([t.flatten(0, 1) for t in target])[student_rows]  # (M_s, G) positions
-    group = torch.cat([g.flatten(0, 1) for g in group])[student_rows]  # (M_s, G)
-    target = torch.where(group < none, t_row_of[target], 0)  # rows; no term points at row 0
-    return TokenPairs(student_rows, teacher_rows, target, group, len(pairs), (V * B, G * B))
-
-
-def mix_targets(q, target, weight):
-    """Each student row's target: q (M_t, K) at its partners' rows target (M_s, G), summed with
-    weight (M_s, G). Cross-entropy is linear in the target: one product per row serves all."""
-    t = q[target[:, 0]].mul_(weight[:, :1])  # (M_s, K)
-    for i in range(1, target.shape[1]):
-        t.addcmul_(q[target[:, i]], weight[:, i:i + 1])
-    return t
-
-
-class SoftCrossEntropy(torch.autograd.Function):
-    """ce = -sum_k t_k log softmax(s / T)_k per student row, t = mix_targets(q, target, weight).
-    Written out for memory: left to autograd, the loss would keep two float32 (M_s, K) tensors, at
-    K = 8192 the largest live set of the step. This keeps the logits s and the teacher's q only,
-    and goes through the rows in chunks, rebuilding t and softmax(s / T) for the backward."""
-    CHUNK = 2 ** 26  # elements of a (rows, K) float32 temporary: 256 MB
-
-    @staticmethod
-    def forward(ctx, s, q, target, weight, temp):
-        ctx.save_for_backward(s, q, target, weight)
-        wide = torch.promote_types(s.dtype, torch.float32)  # bf16 logits: the softmax in float32
-        ctx.temp, ctx.wide = temp, wide
-        ce = s.new_empty(len(s), dtype=wide)
-        for rows in SoftCrossEntropy.chunks(s):
-            logp = F.log_softmax(s[rows].to(wide) / temp, dim=-1)  # (C, K)
-            ce[rows] = -logp.mul_(mix_targets(q, target[rows], weight[rows])).sum(-1)
-        return ce  # (M_s,)
-
-    @staticmethod
-    def backward(ctx, grad):
-        s, q, target, weight = ctx.saved_tensors
-        grad_s = torch.empty_like(s)
-        for rows in SoftCrossEntropy.chunks(s):
-            p = F.softmax(s[rows].to(ctx.wide) / ctx.temp, dim=-1)  # (C, K)
-            # d ce / d s = (sum_k t_k * softmax(s / T) - t) / T, where sum_k t_k is the sum of the
-            # weights, each row of q summing to 1.
-            t = mix_targets(q, target[rows], weight[rows])
-            g = p.mul_(weight[rows].sum(-1, keepdim=True)).sub_(t)
-            grad_s[rows] = g.mul_(grad[rows, None] / ctx.temp)
-        return grad_s, None, None, None, None
-
-    @staticmethod
-    def chunks(s):
-        n = max(1, SoftCrossEntropy.CHUNK // s.shape[1])
-        return [slice(i, i + n) for i in range(0, len(s), n)]
-
-
-def entropies(q):
+def entropies(q, keep=None):
     """For probabilities q (M, K): the mean entropy of its rows and the entropy of their mean, in
-    nats, (2,), (0, 0) for no rows. Healthy: confident rows (low) that differ (mean high). Uniform
-    collapse: both near ln K. Collapse onto one dimension: both near 0."""
-    if len(q) == 0:
-        return q.new_zeros(2)
-    # xlogy(0, 0) is 0, and it is the fastest of torch's p log p forms on a CPU
-    row = -sum(torch.xlogy(q[rows], q[rows]).sum() for rows in SoftCrossEntropy.chunks(q)) / len(q)
-    mean = q.mean(0)
+    nats, (2,), over the rows keep (bool (M,)) marks, or all; (0, 0) for none. Healthy: confident
+    rows (low) that differ (mean high). Uniform collapse: both near ln K. Collapse onto one
+    dimension: both near 0."""
+    keep = torch.ones(len(q), device=q.device) if keep is None else keep.float()  # (M,)
+    n = keep.sum().clamp_min(1)
+    row = -(torch.xlogy(q, q).sum(-1) * keep).sum() / n  # xlogy(0, 0) is 0
+    mean = (q * keep.unsqueeze(1)).sum(0) / n  # (K,)
     return torch.stack([row, -torch.xlogy(mean, mean).sum()])
-
-
-class PWSelfLossRows(PWSelfLoss):
-    """PWSelfLoss on the flat rows the head computed (a TokenPairs says which): the same losses,
-    gradients and centres (tested), with the normalisers counted over all ranks, so the loss is
-    that of the global batch however it is split."""
-
-    def forward(self, student_out, teacher_out, pairs, epoch):
-        """student_out (M_s, K), teacher_out (M_t, K): head outputs of the rows of `pairs`.
-        Returns (total, image part, patch part). Leaves the teacher's entropies (`entropies`) in
-        self.teacher_entropy, float32 (4,): CLS rows, CLS mean, patch rows, patch mean."""
-        temp = self.teacher_temp(epoch)
-        (s_cls, t_cls), P = pairs.n_cls, pairs.n_pairs
-        world = dist.get_world_size() if _distributed() else 1
-        with torch.no_grad():
-            # One float32 copy of the teacher's outputs, made into its targets in place: at K = 8192
-            # these (M_t, K) tensors are as large as the teacher's activations.
-            q = teacher_out.to(torch.float32, copy=True)  # (M_t, K)
-            q[:t_cls] -= self.center_cls
-            q[t_cls:] -= self.center_patch
-            q.div_(temp)
-            q.sub_(q.amax(-1, keepdim=True)).exp_()
-            q.div_(q.sum(-1, keepdim=True))  # the softmax, in place
-            self.teacher_entropy = torch.cat([entropies(q[:t_cls]), entropies(q[t_cls:])])
-            n = torch.zeros(2 * P + 1, device=q.device).index_add_(
-                0, pairs.group.flatten(), torch.ones(pairs.group.numel(), device=q.device))
-            n = all_reduce_sum(n[:-1]).view(P, 2)  # terms per (pair, CLS / patches), all ranks
-            if self.loss_weighting == "sum":  # a pair without matches adds 0
-                w = torch.stack([1.0 / n[:, 0], self.patch_loss_weight / n[:, 1].clamp_min(1)], 1)
-            else:  # token_mean: CLS and patch tokens of a pair averaged as one set
-                total = n.sum(1)
-                w = torch.stack([1.0 / total, self.patch_loss_weight / total], 1)
-            # per group, 0 for none; the world factor undoes DDP's averaging of the gradients
-            w = torch.cat([w.flatten() * world / P, w.new_zeros(1)])  # (2 P + 1,)
-        ce = SoftCrossEntropy.apply(student_out, q, pairs.target, w[pairs.group], self.student_temp)
-        loss_image, loss_patch = ce[:s_cls].sum(), ce[s_cls:].sum()
-        self.update_center(teacher_out[:t_cls], teacher_out[t_cls:])
-        return loss_image + loss_patch, loss_image, loss_patch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1659,55 +1497,36 @@ def prepare_views(batch, device):
     return glob, views("local_views", "tile_local", params[:, G:])
 
 
-def to_device(x, device):
-    """A host tensor onto the device without making the host wait: pinned, copied asynchronously."""
-    if device.type == "cuda" and x.device.type == "cpu":
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
-
-
 def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
                matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
-    """One PW-Self iteration: match patches, augment, teacher and student forward (heads on the
-    used tokens), loss, backward, AdamW, teacher EMA. Returns float32 (7,) on the device (no
-    sync): the loss, its image and patch parts, the teacher's entropies (PWSelfLossRows)."""
+    """One PW-Self iteration: augment, teacher and student forward, match patches, loss, backward,
+    AdamW, teacher EMA. Returns float32 (7,) on the device (no host sync): the loss, its image and
+    patch parts, the teacher's entropies (PWSelfLoss)."""
     device = next(teacher.parameters()).device
     patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
-    by_coords = matching == "coords" or not patches
     glob, local = prepare_views(batch, device)
     G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
-    B = glob.shape[0] // G
     sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
-    n_tokens = [1 + (s // patch_size) ** 2 for s in sizes]
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # group 0 holds the decayed weights (param_groups)
-    optimizer.param_groups[0]["weight_decay"] = wd
-
-    if by_coords:
-        # Geometry alone decides the matches, so they are found where the batch's geometry is (the
-        # host, for the data loader's batches), before the forward: the head's rows are then known
-        # without waiting for the device.
-        matches = match_views(batch["box"], batch["flip"], sizes, patch_size, G) if patches else {}
-        pairs = TokenPairs(*[to_device(x, device) if torch.is_tensor(x) else x
-                             for x in token_pairs(matches, n_tokens, B, G, patches)])
-        s_rows, t_rows = pairs.student_rows, pairs.teacher_rows
-    else:  # similarity matching needs the features: the heads run on every token
-        s_rows = to_device(head_rows(n_tokens, B)[0], device)
-        t_rows = to_device(head_rows(n_tokens[:G], B)[0], device)
+    optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                         enabled=amp_dtype is not None):
-        with torch.no_grad():
-            # the teacher sees only the global views; (M_t, K)
-            t_tokens, teacher_out = teacher([glob], t_rows)
-        s_tokens, student_out = student([glob, local] if L else [glob], s_rows)  # (M_s, K)
-    if not by_coords:
-        t_feats = t_tokens[0][:, 1:].chunk(G)  # G x (B, N_t, D)
-        s_feats = s_tokens[0][:, 1:].detach().chunk(G)  # then L x (B, N_l, D)
-        s_feats += s_tokens[1][:, 1:].detach().chunk(L) if L else ()
-        matches = match_views(None, None, sizes, patch_size, G, t_feats, s_feats)
-        pairs = token_pairs(matches, n_tokens, B, G, compact=False)
-    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, pairs, epoch)
+        with torch.no_grad():  # the teacher sees only the global views
+            t_tokens, (t_out,) = teacher([glob], patches)
+        s_tokens, s_out = student([glob, local] if L else [glob], patches)
+    teacher_out = t_out.chunk(G)  # G x (B, T_g, K)
+    student_out = s_out[0].chunk(G) + (s_out[1].chunk(L) if L else ())  # V x (B, T_v, K)
+    matches = {}
+    if patches and matching == "coords":  # geometry alone, a few tensor ops on the device
+        matches = match_views(batch["box"].to(device, non_blocking=True),
+                              batch["flip"].to(device, non_blocking=True), sizes, patch_size, G)
+    elif patches:  # the ablation: by similarity of the backbone's patch features
+        s_feats = [t[:, 1:].detach() for t in s_tokens]  # (V_r B, N_r, D) per resolution
+        s_feats = s_feats[0].chunk(G) + (s_feats[1].chunk(L) if L else ())
+        matches = match_views(None, None, sizes, patch_size, G, t_tokens[0][:, 1:].chunk(G),
+                              s_feats)
+    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -1942,7 +1761,7 @@ def train(args):
 
     # Models, optimiser and schedules
     student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
-    loss_fn = PWSelfLossRows(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
+    loss_fn = PWSelfLoss(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
                              args.warmup_teacher_temp_epochs,
                              patch_loss_weight=args.patch_loss_weight,
                              loss_weighting=args.loss_weighting).to(device)
@@ -2065,135 +1884,6 @@ def evaluate(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Tools: pictures of the matching and of the attention, --export_backbone
-# ------------------------------------------------------------------------------------------------
-
-def grid_to_pixels(grid, patch_size):
-    """A (g, g) per-patch tensor as a (g p, g p) per-pixel numpy array, each patch a flat block."""
-    return grid.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1).numpy()
-
-
-def pair_colour(i):
-    """A distinct, saturated colour for the i-th item (golden-angle hue steps)."""
-    import colorsys
-    hue = (i * 0.618033988749895) % 1.0  # the golden ratio spreads consecutive hues apart
-    return tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.85, 1.0))
-
-
-def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
-    """The method on one image: a teacher global and a student local view cut by the real
-    augmentation, each matched pair outlined in the teacher patch's colour, unmatched student
-    patches greyed; per-patch colours on top, per-view (DINO) below. Returns the pairs
-    [(student patch, teacher patch)], and the views' box and flip."""
-    from PIL import ImageDraw
-    seed %= 2 ** 64  # numpy wants seeds >= 0
-    rng = np.random.default_rng(seed)
-    glob, local, box, flip = spatial_views(image.convert("RGB"), rng, global_size, local_size, 1)
-    index, valid = match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3],
-                                 local_size, patch_size)
-    pairs = [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]]
-    gap, margin = 16, 8
-    width = 2 * margin + global_size + gap + local_size
-    canvas = Image.new("RGB", (width, 2 * margin + 2 * global_size + gap), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, mode in enumerate(("patch", "view")):
-        views = []
-        for v, x in ((0, glob[0]), (2, local[0])):
-            n_tiles = (x.shape[-1] // patch_size) ** 2 if mode == "patch" else 1
-            tile, _ = draw_photometric_params(np.random.default_rng((seed, row, v)),
-                                              1, n_tiles, 0.0, 0.0)
-            views.append(color_jitter_tiles(x[None].float() / 255, tile)[0])  # (3, S, S) in [0, 1]
-        teacher, student = (Image.fromarray((v.permute(1, 2, 0) * 255).round().byte().numpy())
-                            for v in views)
-        valid_grid = valid[0].view(local_size // patch_size, -1)
-        grey = Image.new("RGB", student.size, (128, 128, 128))
-        mask = Image.fromarray(grid_to_pixels(~valid_grid, patch_size).astype(np.uint8) * 170)
-        student = Image.composite(grey, student, mask)  # greys the unmatched patches
-        top = margin + row * (global_size + gap)
-        origins = ((margin, top), (margin + global_size + gap, top))  # teacher, student
-        for (ox, oy), img, size in zip(origins, (teacher, student), (global_size, local_size)):
-            canvas.paste(img, (ox, oy))
-            for k in range(0, size + 1, patch_size):  # the ViT patch grid
-                draw.line([(ox + k, oy), (ox + k, oy + size)], fill=(255, 255, 255), width=1)
-                draw.line([(ox, oy + k), (ox + size, oy + k)], fill=(255, 255, 255), width=1)
-        for n, t in pairs:
-            colour = pair_colour(t)
-            for (ox, oy), (r, c) in zip(origins, (divmod(t, global_size // patch_size),
-                                                  divmod(n, local_size // patch_size))):
-                left, top = ox + c * patch_size, oy + r * patch_size
-                draw.rectangle([left, top, left + patch_size - 1, top + patch_size - 1],
-                               outline=colour, width=2)
-    canvas.save(out_path)
-    return pairs, box, flip
-
-
-def show_attention(image, out_path, backbone, size=224, mass=0.6):
-    """DINO's attention picture: for each head of the last block, the patches that hold `mass` of
-    the CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
-    import torchvision.transforms.functional as TF
-    img = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
-    img = TF.center_crop(img, size)
-    x = normalize(TF.pil_to_tensor(img)[None].float() / 255)
-    with torch.no_grad():
-        # (heads, 1 + N): the CLS token's row
-        attn = backbone.eval().get_last_selfattention(x)[0, :, 0]
-    g = size // backbone.patch_size
-    cls_to_patch = attn[:, 1:] / attn[:, 1:].sum(1, keepdim=True)  # (heads, N)
-    value, order = cls_to_patch.sort(dim=1, descending=True)
-    keep_sorted = value.cumsum(1) - value < mass  # smallest set of patches holding `mass`
-    # (heads, g, g)
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).view(-1, g, g)
-    panels = [img]
-    base = np.asarray(img).astype(np.float32)
-    for h in range(len(keep)):
-        m = grid_to_pixels(keep[h], backbone.patch_size)[..., None]
-        heat = grid_to_pixels(cls_to_patch[h].view(g, g), backbone.patch_size)[..., None]
-        heat = heat / heat.max()
-        colour = np.array(pair_colour(h), dtype=np.float32)
-        panel = np.where(m, 0.35 * base + 0.65 * colour * (0.4 + 0.6 * heat), 0.3 * base)
-        panels.append(Image.fromarray(panel.clip(0, 255).astype(np.uint8)))
-    side = size * max(1, 224 // size)  # small inputs are shown enlarged, pixels kept sharp
-    canvas = Image.new("RGB", (len(panels) * (side + 4) - 4, side), "white")
-    for i, p in enumerate(panels):
-        canvas.paste(p.resize((side, side), Image.Resampling.NEAREST), (i * (side + 4), 0))
-    canvas.save(out_path)
-    return attn
-
-
-def run_tool(args):
-    """--show_matching, --show_attention, --export_backbone: the pictures and the weights export."""
-    backbone = None
-    if args.show_attention or args.export_backbone:
-        flag = "--show_attention" if args.show_attention else "--export_backbone"
-        backbone, _ = backbone_from_args(args, flag)
-    if args.show_matching or args.show_attention:
-        if not args.out:
-            raise UserError("--show_matching and --show_attention need --out FILE.png")
-        image_path = args.show_matching or args.show_attention
-        try:
-            image = load_image(image_path)
-        except UNREADABLE as e:
-            raise UserError(f"cannot read the image {image_path} ({e})") from None
-        # A photo gets DINO's ImageNet geometry unless the command line says otherwise: the
-        # presets' 32 px views are for the demo's images. The model keeps its own patch size.
-        imagenet = (("patch_size", 16), ("global_size", 224), ("local_size", 96))
-        patch, glob, local = (getattr(args, k) if k in args.given else v for k, v in imagenet)
-        if args.show_matching:
-            pairs, _, _ = show_matching(image, args.out, patch, glob, local, args.seed)
-            gs, gt = local // patch, glob // patch
-            print(f"{len(pairs)} of {gs * gs} student patches matched: " + ", ".join(
-                f"{divmod(n, gs)}->{divmod(t, gt)}" for n, t in pairs))
-        else:
-            show_attention(image, args.out, backbone, glob)
-        print(f"wrote {args.out}")
-    if args.export_backbone:
-        # DINO's released layout: the bare ViT state dict, which DINO's and timm's ViT load with
-        # strict=True.
-        torch.save(backbone.state_dict(), args.export_backbone)
-        print(f"wrote the teacher backbone to {args.export_backbone}")
-
-
-# ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
@@ -2201,8 +1891,6 @@ def main(argv=None):
     try:
         args = resolve_args(argv)
         check_args(args)
-        if args.show_matching or args.show_attention or args.export_backbone:
-            return run_tool(args)
         result = evaluate(args) if args.eval_only else train(args)
         if _distributed():  # no rank tears its gloo/NCCL connections down while another uses them
             dist.barrier()

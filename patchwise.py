@@ -74,7 +74,7 @@ DEFAULTS = dict(
     knn_every=0,  # k-NN only at the end: on ImageNet a k-NN pass costs minutes
     knn_k=(10, 20, 100, 200),  # DINO's k values; 20 is the headline
     linear_every=0,  # the linear probe only at the end, as the k-NN
-    linear_epochs=30,  # passes over the cached features (the demo: 100 gain 2 points, 3x the time)
+    linear_iters=1000,  # L-BFGS iterations per fit at most; fits converge in far fewer
     log_every=50,
 )
 PRESETS = {
@@ -98,8 +98,8 @@ PRESETS = {
     "folder": dict(knn_every=10),
 }
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
-# The linear probe's sweep: SGD learning rates on standardised features, L2 penalties wd/2 |W|^2.
-LINEAR_LRS, LINEAR_WDS = (1e-3, 1e-2, 1e-1, 1.0), (0.0, 1e-3, 1e-2)
+# The linear probe's L2 strengths l2 (penalty l2 / 2 |W|^2 on standardised features), strongest first.
+LINEAR_L2 = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
 # 32/16 px views (the ImageNet recipe would upsample them 7x) for CPU_SAMPLES samples on a CPU,
 # ten times that on a GPU; larger images get DINO's ImageNet recipe. 32,000 samples take about 5
@@ -240,10 +240,10 @@ def build_parser():
     r.add_argument("--knn_every", type=int, help="k-NN every N epochs (0: only at the end).")
     r.add_argument("--knn_k", type=int, nargs="+", help="k values of the k-NN.")
     r.add_argument("--linear_every", type=int, help="Linear probe every N epochs (0: at the end).")
-    r.add_argument("--linear_epochs", type=int,
-                   help="Passes of the linear probe (0: none) over DINO's features of the frozen "
-                        f"teacher, for each lr of {LINEAR_LRS} and wd of {LINEAR_WDS}; held-out "
-                        "training images choose the pair.")
+    r.add_argument("--linear_iters", type=int,
+                   help="Linear probe (0: none) on DINO's features of the frozen teacher: logistic "
+                        "regression by L-BFGS, at most this many iterations a fit, for each L2 "
+                        f"strength of {LINEAR_L2}; held-out training images choose it.")
     r.add_argument("--eval_only", action="store_true",
                    help="Only k-NN and linear probe of output_dir's checkpoint (or --pretrained).")
     r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
@@ -302,7 +302,7 @@ RANGES = dict(
     warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE, weight_decay_end=NON_NEGATIVE,
     momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"), clip_grad=NON_NEGATIVE,
     freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE, log_every=POSITIVE,
-    knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_every=NON_NEGATIVE, linear_epochs=NON_NEGATIVE,
+    knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_every=NON_NEGATIVE, linear_iters=NON_NEGATIVE,
 )
 
 
@@ -1247,82 +1247,102 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
 
 
 @torch.no_grad()
-def train_linear(x, y, num_classes, lrs, wds, epochs, batch_size=256, seed=0, log=None):
-    """Logistic regressions on x (N, F), one per (lr, wd) pair, trained at once on the same batches:
-    SGD, momentum 0.9, cosine lr (DINO's eval_linear), on standardised features; the gradient,
-    softmax(z) - onehot, written out. Returns W (P, F, C) and b (P, 1, C): x @ W + b."""
-    N, P, device = len(x), len(lrs), x.device
+def logistic_objective(x, y, W, b, mean, std, l2, chunk=65536):
+    """Multinomial logistic regression on standardised features z = (x - mean) / std: the mean
+    cross-entropy of softmax(z W + b) plus l2 / 2 |W|^2, and its gradient, written out (d / d
+    logits = softmax - onehot). x (N, F) is read a chunk at a time in float32, the standardisation
+    folded into W, so a float16 ImageNet set never has a float32 copy. Returns (loss, grad W (F,
+    C), grad b (C,))."""
+    W_x = W / std.unsqueeze(1)  # z W + b = x W_x + b_x
+    b_x = b - mean @ W_x
+    loss, grad_W, grad_b = torch.zeros((), device=x.device), torch.zeros_like(W), torch.zeros_like(b)
+    for i in range(0, len(x), chunk):
+        xc, target = x[i:i + chunk].float(), y[i:i + chunk]  # (c, F), (c,)
+        logits = xc @ W_x + b_x  # (c, C)
+        loss += (logits.logsumexp(1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)).sum()
+        g = logits.softmax(1)
+        g[torch.arange(len(g), device=g.device), target] -= 1
+        grad_W += xc.T @ g
+        grad_b += g.sum(0)
+    grad_W = (grad_W - mean.unsqueeze(1) * grad_b) / std.unsqueeze(1)  # z^T g = (x - mean)^T g / std
+    n = len(x)
+    return loss / n + l2 / 2 * W.square().sum(), grad_W / n + l2 * W, grad_b / n
 
-    def chunks():  # x in float32 a slice at a time, never all of it at once
-        return (x[i:i + 65536].float() for i in range(0, N, 65536))
-    mean = sum(c.sum(dim=0) for c in chunks()) / N  # (F,)
-    std = (sum(((c - mean) ** 2).sum(dim=0) for c in chunks()) / N).sqrt().clamp_min(1e-6)
-    lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(P, 1, 1)
-    wd = torch.tensor(wds, dtype=torch.float32, device=device).view(P, 1, 1)
-    W = torch.zeros(P, x.shape[1], num_classes, device=device)
-    b = torch.zeros(P, 1, num_classes, device=device)
-    vW, vb = torch.zeros_like(W), torch.zeros_like(b)
-    gen = torch.Generator().manual_seed(seed)
-    steps, step = epochs * math.ceil(N / batch_size), 0
-    report = progress_reporter(log, "linear probe", steps, "steps")
-    for _ in range(epochs):
-        order = torch.randperm(N, generator=gen).to(device)
-        for i in range(0, N, batch_size):
-            idx = order[i:i + batch_size]
-            xb = (x[idx].float() - mean) / std  # (B, F)
-            g = torch.softmax(xb @ W + b, dim=-1)  # (P, B, C)
-            g[:, torch.arange(len(idx), device=device), y[idx]] -= 1
-            g /= len(idx)  # d(mean cross-entropy) / d logits
-            vW.mul_(0.9).add_(xb.T @ g + wd * W)  # (P, F, C)
-            vb.mul_(0.9).add_(g.sum(dim=1, keepdim=True))
-            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            W -= step_lr * vW
-            b -= step_lr * vb
-            step += 1
-            report(step)
-    W = W / std.view(1, -1, 1)  # fold the standardisation into the layer
-    return W, b - (mean @ W).unsqueeze(1)  # (P, F, C), (P, 1, C)
+
+def fit_logistic(x, y, num_classes, l2, mean, std, init=None, max_iter=1000, report=None):
+    """logistic_objective minimised by full-batch L-BFGS with a strong-Wolfe line search (the
+    protocol of CLIP's linear probes) from init (W, b) or zeros, to a gradient below 1e-6 or
+    max_iter iterations. Returns W (F, C) and b (C,), on standardised features."""
+    W, b = init or (x.new_zeros(x.shape[1], num_classes, dtype=torch.float32),
+                    x.new_zeros(num_classes, dtype=torch.float32))
+    W, b = W.clone().requires_grad_(), b.clone().requires_grad_()  # L-BFGS reads .grad
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-6, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        loss, W.grad, b.grad = logistic_objective(x, y, W.detach(), b.detach(), mean, std, l2)
+        evals += 1
+        if report:
+            report(evals)
+        return loss
+    opt.step(closure)
+    return W.detach(), b.detach()
 
 
 @torch.no_grad()
-def linear_accuracy(x, y, W, b):
-    """Top-1 and top-5 in percent (P,) of each classifier (W, b) on x (N, F); -1 if not finite."""
-    top1 = torch.zeros(len(W), device=x.device)
-    top5 = torch.zeros(len(W), device=x.device)
-    for i in range(0, len(x), 16384):
-        # (P, c, 5)
-        pred = (x[i:i + 16384].float() @ W + b).topk(min(5, W.shape[-1]), dim=-1).indices
-        hit = pred == y[i:i + 16384].view(1, -1, 1)
-        top1 += hit[..., 0].sum(dim=1)
-        top5 += hit.any(dim=-1).sum(dim=1)
-    finite = W.isfinite().flatten(1).all(dim=1) & b.isfinite().flatten(1).all(dim=1)
-    return (100 * top1 / len(x)).where(finite, -1.0), (100 * top5 / len(x)).where(finite, -1.0)
+def linear_accuracy(x, y, W, b, mean, std):
+    """Top-1 and top-5 in percent of the classifier (W, b) on standardised features of x (N, F)."""
+    top1 = top5 = 0
+    W_x = W / std.unsqueeze(1)  # standardisation folded into the layer, as logistic_objective
+    for i in range(0, len(x), 65536):
+        logits = x[i:i + 65536].float() @ W_x + (b - mean @ W_x)  # (c, C)
+        hit = logits.topk(min(5, W.shape[1]), dim=1).indices == y[i:i + 65536].unsqueeze(1)
+        top1 += hit[:, 0].sum().item()
+        top5 += hit.any(dim=1).sum().item()
+    return 100 * top1 / len(x), 100 * top5 / len(x)
 
 
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, lrs=LINEAR_LRS,
-                 wds=LINEAR_WDS, holdout=0.1, max_sweep=100_000, seed=0, log=None):
-    """Linear probe on frozen features: every (lr, wd) pair fitted on the training features less a
-    held-out tenth (at most 10,000; the fit at most max_sweep), the best on those refitted on all,
-    and its val accuracy reported: only training images choose. Returns {'linear_top1', ...}."""
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, max_iter=1000, l2s=LINEAR_L2,
+                 holdout=0.1, max_sweep=100_000, seed=0, log=None):
+    """Linear probe on frozen features: a logistic regression (fit_logistic) for each L2 strength
+    of l2s, strongest first and each starting from the last, on the training features less a
+    held-out tenth (at most 10,000; the fit at most max_sweep); the best on the held-out images
+    refitted on all of them, and its val accuracy reported: only training images choose.
+    Returns {'linear_top1', 'linear_top5', 'linear_wd': the L2 strength}."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
     n_held = min(max(1, int(holdout * len(train_x))), 10_000)
     held, fit = order[:n_held], order[n_held:n_held + max_sweep]
-    grid = [(lr, wd) for lr in lrs for wd in wds]
-    W, b = train_linear(train_x[fit], train_y[fit], num_classes, *zip(*grid),
-                        epochs, seed=seed, log=log)
-    lr, wd = grid[int(linear_accuracy(train_x[held], train_y[held], W, b)[0].argmax())]
-    W, b = train_linear(train_x, train_y, num_classes, [lr], [wd], epochs, seed=seed, log=log)
-    top1, top5 = linear_accuracy(val_x, val_y, W, b)
-    return dict(linear_top1=top1.item(), linear_top5=top5.item(), linear_lr=lr, linear_wd=wd)
+    chunks = range(0, len(train_x), 65536)  # float32 a slice at a time, never all at once
+    mean = sum(train_x[i:i + 65536].float().sum(0) for i in chunks) / len(train_x)  # (F,)
+    std = (sum((train_x[i:i + 65536].float() - mean).square().sum(0) for i in chunks)
+           / len(train_x)).sqrt().clamp_min(1e-6)
+    fits, scores, params = [], [], None
+    x_fit, y_fit, x_held, y_held = train_x[fit], train_y[fit], train_x[held], train_y[held]
+    for j, l2 in enumerate(l2s):
+        report = progress_reporter(log, f"linear probe, L2 {l2:g} ({j + 1}/{len(l2s)}):",
+                                   max_iter * 5 // 4, "evaluations at most")
+        params = fit_logistic(x_fit, y_fit, num_classes, l2, mean, std, params, max_iter, report)
+        scores.append(linear_accuracy(x_held, y_held, *params, mean, std)[0])
+        fits.append(params)
+    best = int(np.argmax(scores))  # the first, strongest L2 of the best
+    report = progress_reporter(log, f"linear probe, L2 {l2s[best]:g} on all training images:",
+                               max_iter * 5 // 4, "evaluations at most")
+    W, b = fit_logistic(train_x, train_y, num_classes, l2s[best], mean, std, fits[best], max_iter,
+                        report)
+    top1, top5 = linear_accuracy(val_x, val_y, W, b, mean, std)
+    return dict(linear_top1=top1, linear_top5=top5, linear_wd=l2s[best])
 
 
 def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,),
-                      linear_epochs=30, batch_size=256, num_workers=0, amp_dtype=None, seed=0,
+                      linear_iters=1000, batch_size=256, num_workers=0, amp_dtype=None, seed=0,
                       log=print):
-    """k-NN for each k in ks and, if linear_epochs, the linear probe of a frozen backbone on the
+    """k-NN for each k in ks and, if linear_iters, the linear probe of a frozen backbone on the
     EvalDatasets (train, val), a log line each. Returns {'knn_top1_k20': .., 'linear_top1': ..}."""
-    protocol = linear_protocol(backbone) if linear_epochs else None
+    protocol = linear_protocol(backbone) if linear_iters else None
     (train_f, train_y, train_l), (val_f, val_y, val_l) = (
         extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
         for s in (train_set, val_set))
@@ -1334,13 +1354,15 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
     log(f"k-NN of the {label}: " + "  ".join(f"k={k}: top-1 {results[f'knn_top1_k{k}']:.2f}% top-5 "
                                              f"{results[f'knn_top5_k{k}']:.2f}%" for k in ks),
         flush=True)
-    if linear_epochs:
-        results.update(linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_epochs,
-                                    seed=seed, log=log))
-        log(f"linear probe of the {label} ({train_l.shape[1]} features, lr "
-            f"{results['linear_lr']:g} and wd {results['linear_wd']:g} chosen on held-out training "
-            f"images): top-1 {results['linear_top1']:.2f}% top-5 "
-            f"{results['linear_top5']:.2f}%", flush=True)
+    if linear_iters:
+        probe = [linear_probe(train_l, train_y, val_l, val_y, num_classes, linear_iters,
+                              seed=seed, log=log)]
+        if _distributed():  # every rank fitted the same features; rank 0's numbers are reported
+            dist.broadcast_object_list(probe, src=0)
+        results.update(probe[0])
+        log(f"linear probe of the {label} ({train_l.shape[1]} features, L2 "
+            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
+            f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
     return results
 
 
@@ -1788,7 +1810,7 @@ def train(args):
 
     def evaluation(label, linear):
         return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label,
-                                 args.knn_k, args.linear_epochs if linear else 0, local_batch,
+                                 args.knn_k, args.linear_iters if linear else 0, local_batch,
                                  args.num_workers, amp_dtype, args.seed, log)
 
     initial = None
@@ -1878,7 +1900,7 @@ def evaluate(args):
                                                        args.synthetic_size)
     return evaluate_backbone(backbone.to(device), EvalDataset(train_base, args.global_size),
                              EvalDataset(val_base, args.global_size), num_classes, device,
-                             f"teacher in {path}", args.knn_k, args.linear_epochs,
+                             f"teacher in {path}", args.knn_k, args.linear_iters,
                              max(1, args.batch_size // world), args.num_workers, amp_dtype,
                              args.seed, log)
 

@@ -7,12 +7,10 @@ colour-augmented on its own, the patches of two views that show the same part of
 found from the crop geometry alone, and the teacher's output for a patch becomes the target of the
 student's output for the matching patch.
 
-Read top to bottom; each section uses only what is above it:
-    configuration -> model -> augmentation -> matching -> loss (as DINO's reads, then the same
-    loss computed faster) -> data -> evaluation -> weights in and out -> training and
-    --eval_only -> tools (pictures, export) -> main
-Every piece (ViT, augmentation, match_patches, PWSelfLoss, knn_classify, linear_probe) takes
-tensors and plain values, so it can be copied alone into another project.
+Read top to bottom, each section using only what is above it: configuration -> model ->
+augmentation -> matching -> loss -> data -> evaluation -> weights -> training -> main. Every piece
+(ViT, augmentation, match_patches, PWSelfLoss, knn_classify, linear_probe) takes tensors and plain
+values, so it can be copied alone into another project. Pictures and export: patchwise_tools.py.
 
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
@@ -37,9 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-# ------------------------------------------------------------------------------------------------
-# Configuration
-# ------------------------------------------------------------------------------------------------
+# ---- Configuration -------------------------------------------------------------------------------
 # Each --data value selects a preset; any flag given on the command line overrides it. Flags not
 # in a preset take DEFAULTS, which are DINO's (main_dino.py) unless a comment says otherwise.
 DEFAULTS = dict(
@@ -48,28 +44,24 @@ DEFAULTS = dict(
     depth=None,  # None: the architecture's own, 12 blocks
     drop_path=0.1,  # DINO's stochastic depth for ViT-S
     out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
-    head_hidden_dim=2048,  # DINO's head
-    bottleneck_dim=256,  # DINO's head
+    head_hidden_dim=2048, bottleneck_dim=256,  # DINO's head
     norm_last_layer=True,  # DINO: a frozen norm keeps ViT-S stable
     global_size=224,  # DINO's 2 global views
     local_size=96,  # DINO's local views
     n_local=8,  # DINO's 8 local views for its 100-epoch ViT-S runs
-    global_scale=(0.4, 1.0),  # DINO's RandomResizedCrop areas
-    local_scale=(0.05, 0.4),
+    global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),  # DINO's RandomResizedCrop areas
     blur_sigma=(0.1, 2.0),  # DINO's (torchvision's) Gaussian blur, set for 224 px views
     batch_size=512,  # global, over all ranks; DINO's ViT-S/16 runs used 1024 on 16 GPUs
     epochs=100,  # DINO's shortest ViT-S schedule
     lr=5e-4,  # per 256 images, scaled linearly with the batch (DINO)
     min_lr=1e-6,  # end of DINO's cosine
     warmup_epochs=10,  # DINO's linear warm-up
-    weight_decay=0.04,  # DINO's cosine weight decay, 0.04 -> 0.4
-    weight_decay_end=0.4,
+    weight_decay=0.04, weight_decay_end=0.4,  # DINO's cosine weight decay
     momentum_teacher=0.996,  # DINO's, raised to 1 by a cosine
     clip_grad=3.0,  # DINO's per-parameter clip
     freeze_last_layer=1,  # DINO: the head's last layer fixed for the first epoch
     teacher_temp=0.04,  # DINO's for ViT-S; above 0.07 it becomes unstable
-    warmup_teacher_temp=0.04,
-    warmup_teacher_temp_epochs=0,  # no temperature warm-up when both are 0.04
+    warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,  # no warm-up: both are 0.04
     num_workers=10,  # DINO's per GPU; capped at the cores each process may use
     knn_every=0,  # k-NN only at the end: on ImageNet a k-NN pass costs minutes
     knn_k=(10, 20, 100, 200),  # DINO's k values; 20 is the headline
@@ -78,18 +70,16 @@ DEFAULTS = dict(
     log_every=50,
 )
 PRESETS = {
-    # The CPU demo, about 3 minutes on 2 cores (README, "Why the synthetic preset is so small"):
-    # everything that sets the cost per image is cut (4 blocks, a 4x4 grid of 8 px patches, 4
-    # locals, a small head and K), and the ~600 steps that buys get a small batch and a teacher
-    # that follows faster (momentum 0.99) than in a 100-epoch run.
+    # The CPU demo, about 3 minutes on 2 cores: everything that sets the cost per image is cut (4
+    # blocks, a 4x4 grid of 8 px patches, 4 locals, a small head and K), and the ~600 steps that
+    # buys get a small batch and a teacher that follows faster than in a 100-epoch run.
     "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
                       n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
                       momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, log_every=40),
-    # CIFAR-10 at its native 32 px: patch 4 gives an 8x8 grid. Not the paper's public code, which
-    # upsamples CIFAR-10 to 224/96 px for a ViT-tiny/16 with K = 1000. Not yet measured on a GPU.
-    # No blur: DINO's sigma of up to 2 px was set for 224 px views; SimCLR's CIFAR-10 recipe drops
-    # blur too, and at 32 px on a CPU the demo gains 2.3 k-NN points without it (README, Presets).
+    # CIFAR-10 at its native 32 px, patch 4: an 8x8 grid (the public PW-Self code upsamples it to
+    # 224 px). No blur: DINO's sigma of up to 2 px was set for 224 px views, SimCLR's CIFAR-10
+    # recipe drops it too, and at 32 px the demo gains 2.3 k-NN points without it.
     "cifar10": dict(patch_size=4, global_size=32, local_size=16, blur_sigma=(0.0, 0.0),
                     out_dim=4096, epochs=300, knn_every=20, num_workers=8),
     # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
@@ -98,14 +88,12 @@ PRESETS = {
     "folder": dict(knn_every=10),
 }
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
-# The linear probe's L2 strengths l2 (penalty l2 / 2 |W|^2 on standardised features), strongest first.
-LINEAR_L2 = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# The linear probe's L2 strengths (penalty l2 / 2 |W|^2 on standardised features), strongest first.
+LINEAR_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
-# 32/16 px views (the ImageNet recipe would upsample them 7x) for CPU_SAMPLES samples on a CPU,
-# ten times that on a GPU; larger images get DINO's ImageNet recipe. 32,000 samples take about 5
-# minutes on 2 cores and gained 6-8 k-NN points over the demo's 20,000 on real digits (README).
-SMALL_SIDE = 64
-CPU_SAMPLES = 32_000
+# 32/16 px views for CPU_SAMPLES samples on a CPU (5 minutes on 2 cores; 6-8 k-NN points over the
+# demo's 20,000 on real digits), ten times that on a GPU; larger ones DINO's ImageNet recipe.
+SMALL_SIDE, CPU_SAMPLES = 64, 32_000
 
 
 def folder_preset(data_path, cuda):
@@ -174,11 +162,10 @@ def build_parser():
                formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="synthetic", choices=list(PRESETS),
-                   help="Dataset and preset. synthetic: 10 classes of shapes made in memory (the "
-                        "CPU demo); cifar10: torchvision's, under --data_path; in100 (CMC's 100 "
-                        "classes), in1k, folder: an ImageFolder with train/ and val/. folder fits "
-                        f"its recipe to the images: up to {SMALL_SIDE} px, the demo's model and "
-                        f"views for {CPU_SAMPLES} samples on a CPU, ten times that on a GPU.")
+                   help="Dataset and preset. synthetic: shapes made in memory (the CPU demo); "
+                        "cifar10: torchvision's; in100 (CMC's classes), in1k, folder: ImageFolders "
+                        f"train/ and val/; folder's images up to {SMALL_SIDE} px get the demo's "
+                        f"model, for {CPU_SAMPLES} samples on a CPU, ten times that on a GPU.")
     d.add_argument("--data_path", default="data", help="Root of the dataset.")
     d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
     d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
@@ -342,9 +329,7 @@ def all_reduce_sum(x):
     return x
 
 
-# ------------------------------------------------------------------------------------------------
-# Model: ViT backbone and DINO head
-# ------------------------------------------------------------------------------------------------
+# ---- Model: ViT backbone and DINO head -----------------------------------------------------------
 # Parameter names and shapes are those of DINO's vision_transformer.py and timm's ViT, so their
 # checkpoints load here with strict=True and ours load there.
 
@@ -364,18 +349,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention=False):
+    def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, C/H)
-        if return_attention:
-            # Explicit softmax, only to look at the weights; training uses the fused kernel below.
-            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
-            x = attn @ v
-        else:  # flash/memory-efficient kernel where available
-            x = F.scaled_dot_product_attention(q, k, v)
-        x = self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, H, N, C/H) -> (B, N, C)
-        return (x, attn) if return_attention else x
+        x = F.scaled_dot_product_attention(q, k, v)  # flash/memory-efficient kernel where available
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, H, N, C/H) -> (B, N, C)
 
 
 class Mlp(nn.Module):
@@ -412,11 +391,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, return_attention=False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-            x = x + y
-            return x + self.mlp(self.norm2(x)), attn
+    def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -483,13 +458,6 @@ class VisionTransformer(nn.Module):
                 outputs.append(self.norm(x))
         return outputs
 
-    def get_last_selfattention(self, x):
-        """Attention weights of the last block, (B, heads, 1 + N, 1 + N), each row summing to 1."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            x = block(x)
-        return self.blocks[-1](x, return_attention=True)[1]
-
 
 def vit(arch, patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
     dim, heads = VIT_SIZES[arch]
@@ -533,11 +501,9 @@ class DINOHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Backbone + head, DINO's MultiCropWrapper: one backbone call per resolution of views, then
-    one head call over the tokens of all of them (fewer, larger matrix products): every token, or
-    with patches=False the CLS tokens alone (plain DINO pays for no patch in the head). Returns the
-    tokens and the head's outputs, one (B_r, 1 + N_r, D) and one (B_r, T_r, K) per resolution,
-    T_r = 1 + N_r or 1."""
+    """DINO's MultiCropWrapper: a backbone call per resolution, then one head call over all
+    tokens, or the CLS tokens alone with patches=False (plain DINO). Returns, per resolution, the
+    tokens (B_r, 1 + N_r, D) and the head's outputs (B_r, T_r, K), T_r = 1 + N_r or 1."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -559,9 +525,7 @@ def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size
     return Encoder(backbone, head)
 
 
-# ------------------------------------------------------------------------------------------------
-# Augmentation: spatial views with their geometry (data workers), photometric (device, batched)
-# ------------------------------------------------------------------------------------------------
+# ---- Augmentation: spatial views with their geometry (workers), photometric (device, batched) ----
 # Every random number below comes from a generator the caller passes in; the training data seeds
 # it with (seed, epoch, sample index), so a sample's views are the same on any worker, rank or
 # world size, and after a resume.
@@ -618,12 +582,9 @@ def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=
     on) and view params (n_views, 2) = (blur sigma or 0, solarize on)."""
     b, c, s, h = jitter
     u = rng.random((n_views, n_tiles, 6), dtype=np.float32)
-    tile = np.stack([u[..., 0] < p_jitter,
-                     1 - b + 2 * b * u[..., 1],
-                     1 - c + 2 * c * u[..., 2],
-                     1 - s + 2 * s * u[..., 3],
-                     -h + 2 * h * u[..., 4],
-                     u[..., 5] < p_gray], axis=-1).astype(np.float32)
+    tile = np.stack([u[..., 0] < p_jitter, 1 - b + 2 * b * u[..., 1], 1 - c + 2 * c * u[..., 2],
+                     1 - s + 2 * s * u[..., 3], -h + 2 * h * u[..., 4], u[..., 5] < p_gray],
+                    axis=-1).astype(np.float32)
     u = rng.random((n_views, 3), dtype=np.float32)
     sigma = np.where(u[:, 0] < np.asarray(p_blur),
                      blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 1], 0.0)
@@ -666,15 +627,12 @@ def adjust_hue(x, shift):
 def color_jitter_tiles(x, tile):
     """Colour jitter then grayscale, each tile with its own parameters. x: float (B, 3, S, S) in
     [0, 1]; tile: (B, g*g, 6) from draw_photometric_params, row-major. One fixed order of the ops
-    (brightness, contrast, saturation, hue), not torchvision's random one: the parameters carry
-    the randomness."""
+    (brightness, contrast, saturation, hue): the parameters carry the randomness."""
     B, _, S, _ = x.shape
     g = math.isqrt(tile.shape[1])
     assert g * g == tile.shape[1] and S % g == 0, f"{g * g} tiles do not tile a {S}x{S} view"
-    q = S // g
-    x = x.reshape(B, 3, g, q, g, q)  # (B, 3, gh, q, gw, q): tile (i, j) is x[:, :, i, :, j, :]
-    # each (B, 1, g, 1, g, 1)
-    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)
+    x = x.reshape(B, 3, g, S // g, g, S // g)  # (B, 3, g, q, g, q): tile (i, j) is x[..., i, :, j]
+    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)  # each
     y = (x * bright).clamp(0, 1)
     mean = grayscale(y).mean(dim=(3, 5), keepdim=True)  # contrast pivots on the tile's own grey
     y = (contrast * y + (1 - contrast) * mean).clamp(0, 1)
@@ -708,19 +666,13 @@ def normalize(x):
 def photometric_augment(views, tile, view):
     """The drawn photometric augmentation of uint8 views (B, 3, S, S) on their device, tile (B, G,
     6) and view (B, 2) params as drawn. Returns float32 (B, 3, S, S), ImageNet-normalised."""
-    x = views.float() / 255
-    x = color_jitter_tiles(x, tile)
-    x = gaussian_blur(x, view[:, 0])
+    x = gaussian_blur(color_jitter_tiles(views.float() / 255, tile), view[:, 0])
     solarize = (view[:, 1] > 0).view(-1, 1, 1, 1)
     x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL's threshold 128
     return normalize(x)
 
 
-
-
-# ------------------------------------------------------------------------------------------------
-# Patch matching
-# ------------------------------------------------------------------------------------------------
+# ---- Patch matching ------------------------------------------------------------------------------
 
 def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
     """For every patch of a student view, the teacher patch that shows the same point of the image.
@@ -789,9 +741,7 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
     return matches
 
 
-# ------------------------------------------------------------------------------------------------
-# Loss: image-level and patch-level self-distillation
-# ------------------------------------------------------------------------------------------------
+# ---- Loss: image-level and patch-level self-distillation -----------------------------------------
 
 class PWSelfLoss(nn.Module):
     """PW-Self's loss, DINO's DINOLoss with a patch level, over every (teacher global view i,
@@ -868,7 +818,7 @@ class PWSelfLoss(nn.Module):
         """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
         outputs apart; the patch mean is over the patches the loss read (read: bool (M_p,))."""
         read = read.unsqueeze(1).float()  # (M_p, 1)
-        n = torch.cat([torch.full((1,), float(len(cls)), device=cls.device), read.sum(0)])  # no sync
+        n = torch.cat([torch.full((1,), float(len(cls)), device=cls.device), read.sum(0)])
         stats = all_reduce_sum(torch.cat([cls.float().sum(0), (patch.float() * read).sum(0), n]))
         K, m = cls.shape[1], self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
@@ -890,17 +840,12 @@ def entropies(q, keep=None):
     return torch.stack([row, -torch.xlogy(mean, mean).sum()])
 
 
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
+# ---- Data ----------------------------------------------------------------------------------------
 
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "horizontal stripes",
                      "vertical stripes", "checkerboard", "diagonal stripes", "x")
-
-
 # Foreground and background colours of the synthetic set: red, green, blue, yellow.
-SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235, 200, 40]],
-                             dtype=np.float64)
+SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235, 200, 40]], float)
 
 
 def make_synthetic_shapes(n, size=32, seed=0):
@@ -922,59 +867,38 @@ def make_synthetic_shapes(n, size=32, seed=0):
     box = np.maximum(np.abs(dx), np.abs(dy))
     arm = r / 3
     diag = np.where(rng.random(shape) < 0.5, xx + yy, xx - yy) / np.sqrt(2)  # either diagonal
-    masks = np.stack([
-        dist2 < r ** 2,
-        box < 0.85 * r,
-        (dy < 0.6 * r) & (dy > -r + 2 * np.abs(dx)),
+    masks = np.stack([  # in the order of SYNTHETIC_CLASSES
+        dist2 < r ** 2, box < 0.85 * r, (dy < 0.6 * r) & (dy > -r + 2 * np.abs(dx)),
         (dist2 < r ** 2) & (dist2 > (0.55 * r) ** 2),
         ((np.abs(dx) < arm) | (np.abs(dy) < arm)) & (box < r),
-        np.sin(2 * np.pi * yy / period + phase) > 0,
-        np.sin(2 * np.pi * xx / period + phase) > 0,
+        np.sin(2 * np.pi * yy / period + phase) > 0, np.sin(2 * np.pi * xx / period + phase) > 0,
         ((np.floor((xx + phase) / period * 1.5) + np.floor((yy + phase) / period * 1.5)) % 2) > 0,
         np.sin(2 * np.pi * diag / period + phase) > 0,
         ((np.abs(dx - dy) < arm) | (np.abs(dx + dy) < arm)) & (box < r),
     ])  # (10, n, S, S)
     mask = masks[labels, np.arange(n)][..., None]  # (n, S, S, 1)
-    # two distinct colours
+    # two distinct colours, (n, 2)
     pair = rng.permuted(np.tile(np.arange(len(SYNTHETIC_PALETTE)), (n, 1)), axis=1)[:, :2]
-    fg = SYNTHETIC_PALETTE[pair[:, 0]].reshape(n, 1, 1, 3)
-    bg = SYNTHETIC_PALETTE[pair[:, 1]].reshape(n, 1, 1, 3)
+    fg, bg = SYNTHETIC_PALETTE[pair].reshape(n, 2, 1, 1, 3).transpose(1, 0, 2, 3, 4)
     images = np.where(mask, fg, bg) + rng.normal(0, 8, (n, size, size, 3))
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
-class ArrayDataset(torch.utils.data.Dataset):
-    """(PIL image, label) pairs from a uint8 (N, H, W, 3) array."""
-
-    def __init__(self, images, labels):
-        self.images, self.targets = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return Image.fromarray(self.images[index]), int(self.targets[index])
-
-
 # ImageNet-100 by convention: the 100 ImageNet-1K classes of CMC (Tian et al. 2019), as its
 # authors published them and solo-learn and most papers use them; other subsets do not compare.
-IMAGENET100_CLASSES = (
-    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831", "n04517823",
-    "n04589890", "n03062245", "n01773797", "n01735189", "n07831146", "n07753275", "n03085013",
-    "n04485082", "n02105505", "n01983481", "n02788148", "n03530642", "n04435653", "n02086910",
-    "n02859443", "n13040303", "n03594734", "n02085620", "n02099849", "n01558993", "n04493381",
-    "n02109047", "n04111531", "n02877765", "n04429376", "n02009229", "n01978455", "n02106550",
-    "n01820546", "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736",
-    "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251", "n02701002",
-    "n03379051", "n02259212", "n07715103", "n03947888", "n04026417", "n02326432", "n03637318",
-    "n01980166", "n02113799", "n02086240", "n03903868", "n02483362", "n04127249", "n02089973",
-    "n03017168", "n02093428", "n02804414", "n02396427", "n04418357", "n02172182", "n01729322",
-    "n02113978", "n03787032", "n02089867", "n02119022", "n03777754", "n04238763", "n02231487",
-    "n03032252", "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056",
-    "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045", "n04229816",
-    "n02100583", "n03642806", "n04336792", "n03259280", "n02116738", "n02108089", "n03424325",
-    "n01855672", "n02090622",
-)
+IMAGENET100_CLASSES = tuple("""
+    n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245
+    n01773797 n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148
+    n03530642 n04435653 n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993
+    n04493381 n02109047 n04111531 n02877765 n04429376 n02009229 n01978455 n02106550 n01820546
+    n01692333 n07714571 n02974003 n02114855 n03785016 n03764736 n03775546 n02087046 n07836838
+    n04099969 n04592741 n03891251 n02701002 n03379051 n02259212 n07715103 n03947888 n04026417
+    n02326432 n03637318 n01980166 n02113799 n02086240 n03903868 n02483362 n04127249 n02089973
+    n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322 n02113978 n03787032
+    n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 n03837869
+    n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+    n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672
+    n02090622""".split())
 
 
 def load_image(path):
@@ -992,8 +916,8 @@ def load_image(path):
 def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
     """The train and val sets for --data, each yielding (PIL image, label); and the class count."""
     if data == "synthetic":
-        train = ArrayDataset(*make_synthetic_shapes(synthetic_size[0], seed=0))
-        val = ArrayDataset(*make_synthetic_shapes(synthetic_size[1], seed=1))
+        sets = [make_synthetic_shapes(n, seed=seed) for n, seed in zip(synthetic_size, (0, 1))]
+        train, val = ([(Image.fromarray(x), int(y)) for x, y in zip(*s)] for s in sets)  # (PIL, y)
         return train, val, len(SYNTHETIC_CLASSES)
     import torchvision
     if data == "cifar10":
@@ -1016,9 +940,8 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
         missing = [c for c in classes if c not in present]
         if missing:
             raise UserError(f"--data in100: {len(missing)} of the 100 ImageNet-100 (CMC) classes "
-                            f"are missing from {train}, such as "
-                            f"{', '.join(missing[:3])}; point --data_path at the ImageNet-1K root "
-                            f"or at a folder of exactly those classes")
+                            f"are missing from {train}, such as {', '.join(missing[:3])}; point "
+                            "--data_path at the ImageNet-1K root or a folder of those classes")
         if int(os.environ.get("RANK", 0)) == 0:
             which = (f"the prepared 100-class folder {data_path}" if len(present) == 100 else
                      f"the 100 CMC classes of the {len(present)} in {data_path}")
@@ -1033,8 +956,7 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
-            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/ "
-                            "ImageFolders")
+            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/")
         try:
             splits.append(Folder(root, loader=load_image))
         except FileNotFoundError as e:
@@ -1047,11 +969,6 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def describe(base, index):
-    samples = getattr(base, "samples", None)
-    return samples[index][0] if samples else f"sample {index}"
-
-
 class MultiViewDataset(torch.utils.data.Dataset):
     """PW-Self samples of a dataset of (PIL image, label), keyed (epoch, index) by EpochSampler:
     every draw comes from a generator seeded by (seed, epoch, index). A worker decodes, crops,
@@ -1060,9 +977,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __init__(self, base, seed, global_size, local_size, n_local, patch_size,
                  photometric="patch", global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),
                  blur_sigma=(0.1, 2.0)):
-        self.base, self.seed, self.blur_sigma = base, seed, blur_sigma
-        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
-        self.global_scale, self.local_scale = global_scale, local_scale
+        self.base, self.seed, self.blur_sigma, self.n_local = base, seed, blur_sigma, n_local
+        self.spatial = (global_size, local_size, n_local, global_scale, local_scale)
         # Photometric draws per view: one per patch (PW-Self), or one for the whole view (DINO).
         self.tiles = [(s // patch_size) ** 2 if photometric == "patch" else 1
                       for s in (global_size, local_size)]
@@ -1081,13 +997,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
             except UNREADABLE as e:
                 # Report it, and train on another image drawn from this sample's own generator,
                 # so the replacement too is the same on every run.
-                print(f"patchwise: warning: skipping unreadable image {describe(self.base, index)} "
-                      f"({e})", file=sys.stderr)
+                print(f"patchwise: warning: skipping unreadable image {self.base.samples[index][0]}"
+                      f" ({e})", file=sys.stderr)
                 bad += 1
                 index = int(rng.integers(len(self.base)))
-        glob, local, box, flip = spatial_views(img.convert("RGB"), rng, self.global_size,
-                                               self.local_size, self.n_local, self.global_scale,
-                                               self.local_scale)
+        glob, local, box, flip = spatial_views(img.convert("RGB"), rng, *self.spatial)
         # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
         # time on locals; solarization on global 2 only.
         tile_g, view_g = draw_photometric_params(rng, 2, self.tiles[0], [1.0, 0.1], [0.0, 0.2],
@@ -1134,8 +1048,8 @@ class EvalDataset(torch.utils.data.Dataset):
         try:
             img, label = self.base[index]
         except UNREADABLE as e:  # k-NN still needs a row for it: a black image, reported
-            print(f"patchwise: warning: unreadable image {describe(self.base, index)} ({e}); k-NN "
-                  "uses a black image in its place", file=sys.stderr)
+            print(f"patchwise: warning: unreadable image {self.base.samples[index][0]} ({e}); "
+                  "k-NN uses a black image in its place", file=sys.stderr)
             black = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return black, self.base.targets[index], index
         img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
@@ -1143,9 +1057,7 @@ class EvalDataset(torch.utils.data.Dataset):
         return TF.pil_to_tensor(img), label, index
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation: k-NN and linear probe of a frozen backbone (DINO's protocols)
-# ------------------------------------------------------------------------------------------------
+# ---- Evaluation: k-NN and linear probe of a frozen backbone (DINO's protocols) -------------------
 
 def format_time(seconds):
     seconds = int(max(seconds, 0))
@@ -1191,30 +1103,18 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * top1 / n, 100.0 * top5 / n
 
 
-def linear_features(blocks, avgpool):
-    """DINO's linear-evaluation features from the last blocks' normed tokens, n x (B, 1 + N, D):
-    their CLS tokens, and with avgpool the last block's mean patch token after them."""
-    feats = [t[:, 0] for t in blocks] + ([blocks[-1][:, 1:].mean(dim=1)] if avgpool else [])
-    return torch.cat(feats, dim=1)  # (B, n D) or (B, 2 D)
-
-
-def linear_protocol(backbone):
-    """(n_last_blocks, avgpool) of DINO's eval_linear: 4 blocks up to ViT-S, 1 and avgpool for B."""
-    return (1, True) if backbone.embed_dim >= 768 else (4, False)
-
-
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
                      linear=None):
     """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset; with linear =
-    (n_last_blocks, avgpool) also the probe's float16 features (N, F) from the same passes. Each
-    rank extracts its share; every rank ends with all of them, in the dataset's order."""
+    (n_last_blocks, avgpool) also the probe's float16 features (N, F) from the same passes, as
+    DINO's eval_linear reads them: the last blocks' CLS tokens, and with avgpool the last block's
+    mean patch token. Each rank extracts its share; every rank ends with all, in dataset order."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=num_workers,
-                                         # leaves the global RNG to drop path
-                                         generator=torch.Generator())
+                                         generator=torch.Generator())  # the global one: drop path
     was_training = backbone.training
     backbone.eval()
     out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
@@ -1223,73 +1123,85 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                             enabled=amp_dtype is not None):
             x = normalize(x.to(device, non_blocking=True).float() / 255)
-            n_blocks = linear[0] if linear else 1
-            blocks = backbone.get_intermediate_layers(x, n_blocks)  # n_blocks x (B, 1 + N, D)
+            blocks = backbone.get_intermediate_layers(x, linear[0] if linear else 1)  # (B, T, D)s
         out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
         out[1].append(y.to(device))
         out[2].append(idx.to(device))
         if linear:
-            out[3].append(linear_features(blocks, linear[1]).half())
+            pooled = [blocks[-1][:, 1:].mean(dim=1)] if linear[1] else []
+            out[3].append(torch.cat([t[:, 0] for t in blocks] + pooled, dim=1).half())  # (B, F)
         report(b + 1)
     backbone.train(was_training)
     out = [torch.cat(t) for t in out if t]
-    if world > 1:  # DistributedSampler pads, so every rank holds the same count
-        for i, t in enumerate(out):
-            gathered = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(gathered, t)
-            out[i] = torch.cat(gathered)
-            del gathered  # at ImageNet scale each copy of the probe's features is gigabytes
+    for i, t in enumerate(out if world > 1 else []):  # DistributedSampler pads: equal counts
+        gathered = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(gathered, t)
+        out[i] = torch.cat(gathered)
+        del gathered  # at ImageNet scale each copy of the probe's features is gigabytes
     index = out.pop(2)
-    ordered = [torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype, device=device) for t in out]
-    for dst, src in zip(ordered, out):
-        dst[index] = src  # the padding repeats indices with the same rows
-    return ordered[0], ordered[1], (ordered[2] if linear else None)
+    for i, t in enumerate(out):  # into the dataset's order; the padding repeats rows alike
+        out[i] = t.new_empty((len(dataset), *t.shape[1:])).index_copy_(0, index, t)
+    return out[0], out[1], (out[2] if linear else None)
 
 
 @torch.no_grad()
 def logistic_objective(x, y, W, b, mean, std, l2, chunk=65536):
-    """Multinomial logistic regression on standardised features z = (x - mean) / std: the mean
-    cross-entropy of softmax(z W + b) plus l2 / 2 |W|^2, and its gradient, written out (d / d
-    logits = softmax - onehot). x (N, F) is read a chunk at a time in float32, the standardisation
-    folded into W, so a float16 ImageNet set never has a float32 copy. Returns (loss, grad W (F,
-    C), grad b (C,))."""
+    """Mean cross-entropy of softmax(z W + b) on z = (x - mean) / std, plus l2 / 2 |W|^2, and
+    its gradient (W (F, C), b (C,)), written out. x (N, F) is read a chunk at a time in float32,
+    the standardisation folded into W: a float16 ImageNet set never has a float32 copy."""
     W_x = W / std.unsqueeze(1)  # z W + b = x W_x + b_x
     b_x = b - mean @ W_x
-    loss, grad_W, grad_b = torch.zeros((), device=x.device), torch.zeros_like(W), torch.zeros_like(b)
+    loss, grad_W, grad_b = x.new_zeros((), dtype=W.dtype), torch.zeros_like(W), torch.zeros_like(b)
     for i in range(0, len(x), chunk):
         xc, target = x[i:i + chunk].float(), y[i:i + chunk]  # (c, F), (c,)
         logits = xc @ W_x + b_x  # (c, C)
         loss += (logits.logsumexp(1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)).sum()
         g = logits.softmax(1)
         g[torch.arange(len(g), device=g.device), target] -= 1
-        grad_W += xc.T @ g
+        grad_W += (g.T @ xc).T  # as g^T x: a third of x^T g's time on a CPU
         grad_b += g.sum(0)
-    grad_W = (grad_W - mean.unsqueeze(1) * grad_b) / std.unsqueeze(1)  # z^T g = (x - mean)^T g / std
+    grad_W = (grad_W - mean.unsqueeze(1) * grad_b) / std.unsqueeze(1)  # z^T g, z = (x - mean) / std
     n = len(x)
     return loss / n + l2 / 2 * W.square().sum(), grad_W / n + l2 * W, grad_b / n
 
 
-def fit_logistic(x, y, num_classes, l2, mean, std, init=None, max_iter=1000, report=None):
-    """logistic_objective minimised by full-batch L-BFGS with a strong-Wolfe line search (the
-    protocol of CLIP's linear probes) from init (W, b) or zeros, to a gradient below 1e-6 or
-    max_iter iterations. Returns W (F, C) and b (C,), on standardised features."""
-    W, b = init or (x.new_zeros(x.shape[1], num_classes, dtype=torch.float32),
-                    x.new_zeros(num_classes, dtype=torch.float32))
-    W, b = W.clone().requires_grad_(), b.clone().requires_grad_()  # L-BFGS reads .grad
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20,
+def fit_logistic(x, y, num_classes, l2, mean, std, basis, init=None, max_iter=1000, report=None):
+    """logistic_objective minimised by full-batch L-BFGS (CLIP's linear probes) from init (W, b)
+    or zeros, to a gradient below 1e-6 or max_iter iterations. It moves V, W = U (s + l2)^-1/2 V,
+    basis = (s, U) the standardised features' covariance eigenvalues and vectors: a ViT's features
+    are strongly correlated, and in V the same optimum takes several times fewer iterations."""
+    s, U = basis
+    scale = (s + l2).rsqrt().unsqueeze(1)  # (F, 1)
+    W, b = init or (U.new_zeros(len(s), num_classes), U.new_zeros(num_classes))
+    V, b = (U.T @ W / scale).requires_grad_(), b.clone().requires_grad_()  # L-BFGS reads .grad
+    opt = torch.optim.LBFGS([V, b], lr=1, max_iter=max_iter, history_size=20,
                             tolerance_grad=1e-6, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
     evals = 0
 
     def closure():
         nonlocal evals
-        loss, W.grad, b.grad = logistic_objective(x, y, W.detach(), b.detach(), mean, std, l2)
+        loss, grad_W, b.grad = logistic_objective(x, y, U @ (scale * V.detach()), b.detach(),
+                                                  mean, std, l2)
+        V.grad = scale * (U.T @ grad_W)  # the chain rule through W = U scale V
         evals += 1
         if report:
             report(evals)
         return loss
     opt.step(closure)
-    return W.detach(), b.detach()
+    return (U @ (scale * V)).detach(), b.detach()
+
+
+@torch.no_grad()
+def feature_stats(x, chunk=65536):
+    """Mean (F,) and std (F,) of features x (N, F), read a chunk at a time, and the eigenvalues
+    (F,) and vectors (F, F) of the standardised features' covariance: fit_logistic's basis."""
+    chunks = [x[i:i + chunk] for i in range(0, len(x), chunk)]
+    mean = sum(c.float().sum(0) for c in chunks) / len(x)
+    std = (sum((c.float() - mean).square().sum(0) for c in chunks) / len(x)).sqrt().clamp_min(1e-6)
+    cov = sum(((c.float() - mean) / std).T @ ((c.float() - mean) / std) for c in chunks) / len(x)
+    s, U = torch.linalg.eigh(cov)  # (F,), (F, F)
+    return mean, std, (s.clamp_min(0), U)
 
 
 @torch.no_grad()
@@ -1307,32 +1219,29 @@ def linear_accuracy(x, y, W, b, mean, std):
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, max_iter=1000, l2s=LINEAR_L2,
                  holdout=0.1, max_sweep=100_000, seed=0, log=None):
-    """Linear probe on frozen features: a logistic regression (fit_logistic) for each L2 strength
-    of l2s, strongest first and each starting from the last, on the training features less a
-    held-out tenth (at most 10,000; the fit at most max_sweep); the best on the held-out images
-    refitted on all of them, and its val accuracy reported: only training images choose.
-    Returns {'linear_top1', 'linear_top5', 'linear_wd': the L2 strength}."""
+    """Linear probe on frozen features (N, F): a logistic regression for each L2 of l2s, strongest
+    first, each from the last, on the training features less a held-out tenth (at most 10,000);
+    these only rank, so each stops after max_iter / 20 iterations. The best on the held-out images
+    is refitted on all training images to convergence: only training images choose."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
     n_held = min(max(1, int(holdout * len(train_x))), 10_000)
     held, fit = order[:n_held], order[n_held:n_held + max_sweep]
-    chunks = range(0, len(train_x), 65536)  # float32 a slice at a time, never all at once
-    mean = sum(train_x[i:i + 65536].float().sum(0) for i in chunks) / len(train_x)  # (F,)
-    std = (sum((train_x[i:i + 65536].float() - mean).square().sum(0) for i in chunks)
-           / len(train_x)).sqrt().clamp_min(1e-6)
+    mean, std, basis = feature_stats(train_x)
     fits, scores, params = [], [], None
     x_fit, y_fit, x_held, y_held = train_x[fit], train_y[fit], train_x[held], train_y[held]
     for j, l2 in enumerate(l2s):
         report = progress_reporter(log, f"linear probe, L2 {l2:g} ({j + 1}/{len(l2s)}):",
-                                   max_iter * 5 // 4, "evaluations at most")
-        params = fit_logistic(x_fit, y_fit, num_classes, l2, mean, std, params, max_iter, report)
+                                   max_iter // 16, "evaluations at most")
+        params = fit_logistic(x_fit, y_fit, num_classes, l2, mean, std, basis, params,
+                              max(1, max_iter // 20), report)
         scores.append(linear_accuracy(x_held, y_held, *params, mean, std)[0])
         fits.append(params)
     best = int(np.argmax(scores))  # the first, strongest L2 of the best
     report = progress_reporter(log, f"linear probe, L2 {l2s[best]:g} on all training images:",
                                max_iter * 5 // 4, "evaluations at most")
-    W, b = fit_logistic(train_x, train_y, num_classes, l2s[best], mean, std, fits[best], max_iter,
-                        report)
+    W, b = fit_logistic(train_x, train_y, num_classes, l2s[best], mean, std, basis, fits[best],
+                        max_iter, report)
     top1, top5 = linear_accuracy(val_x, val_y, W, b, mean, std)
     return dict(linear_top1=top1, linear_top5=top5, linear_wd=l2s[best])
 
@@ -1342,7 +1251,9 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
                       log=print):
     """k-NN for each k in ks and, if linear_iters, the linear probe of a frozen backbone on the
     EvalDatasets (train, val), a log line each. Returns {'knn_top1_k20': .., 'linear_top1': ..}."""
-    protocol = linear_protocol(backbone) if linear_iters else None
+    # DINO's eval_linear: the CLS of the last 4 blocks up to ViT-S; of the last, with its mean
+    # patch token, for ViT-B
+    protocol = ((1, True) if backbone.embed_dim >= 768 else (4, False)) if linear_iters else None
     (train_f, train_y, train_l), (val_f, val_y, val_l) = (
         extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
         for s in (train_set, val_set))
@@ -1366,12 +1277,9 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
     return results
 
 
-# ------------------------------------------------------------------------------------------------
-# Weights in and out: checkpoints, and backbones in DINO's and timm's layouts
-# ------------------------------------------------------------------------------------------------
+# ---- Weights in and out: checkpoints, and backbones in DINO's and timm's layouts -----------------
 
-# The first bytes of JPEG, PNG, GIF, BMP, TIFF (both byte orders) and WebP (RIFF) files.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*", b"MM\x00*", b"RIFF")  # JPEG...
 ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
 
 
@@ -1438,13 +1346,10 @@ def backbone_state_dict(state, key="teacher"):
 
 def load_backbone(backbone, state, source, key="teacher"):
     """Load weights into a ViT, the position embedding resized to its grid; one line on a misfit."""
-    state = backbone_state_dict(state, key)
-    own = backbone.state_dict()
-    pos = state.get("pos_embed")
-    own_pos = own["pos_embed"].shape
+    state, own = backbone_state_dict(state, key), backbone.state_dict()
+    pos, own_pos = state.get("pos_embed"), own["pos_embed"].shape
     if pos is not None and pos.shape != own_pos and pos.shape[-1] == own_pos[-1]:
-        side = math.isqrt(own["pos_embed"].shape[1] - 1)
-        state["pos_embed"] = interpolate_pos_embed(pos, (side, side))
+        state["pos_embed"] = interpolate_pos_embed(pos, [math.isqrt(own_pos[1] - 1)] * 2)
     problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
                 for k in own if k in state and state[k].shape != own[k].shape]
     for label, keys in (("missing", sorted(set(own) - set(state))),
@@ -1460,9 +1365,7 @@ def load_backbone(backbone, state, source, key="teacher"):
     backbone.load_state_dict(state, strict=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training, and --eval_only
-# ------------------------------------------------------------------------------------------------
+# ---- Training, and --eval_only -------------------------------------------------------------------
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
     """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
@@ -1568,27 +1471,26 @@ def setup_distributed(device_arg=None):
     needs nothing more), else run as one process. Returns (rank, world size, device)."""
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu or drop "
-                        "the flag")
+        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else \
+        torch.device("cpu")
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world > 1 and not _distributed():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
 
 
-def prepare_output_dir(path):
+def prepare_output_dir(path):  # a folder we cannot write to fails now, not at the first save
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test_{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose a folder you "
-                        "can write to") from None
+        raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose another") \
+            from None
 
 
 def encoder_from_args(args, drop_path=0.0):
@@ -1598,7 +1500,7 @@ def encoder_from_args(args, drop_path=0.0):
 
 
 def backbone_from_args(args, flag):
-    """The backbone of --eval_only, --show_attention and --export_backbone: --pretrained, else the
+    """The backbone of --eval_only and patchwise_tools.py: --pretrained, else the
     --checkpoint_key network of output_dir/checkpoint.pth. Returns it and its file."""
     backbone = encoder_from_args(args).backbone
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
@@ -1643,13 +1545,13 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
         return "uniform", (
             f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their "
             f"entropy within 1% of ln K = {ln_k:.3f} for a whole epoch): the image level learns "
-            f"nothing yet (the patch level may still); on MNIST it left ln K in an 80-epoch run "
-            f"after ~1,000 steps: try more --epochs, then a lower --teacher_temp or --out_dim")
+            f"nothing yet (the patch level may); on MNIST it left ln K after ~1,000 steps at the "
+            f"full lr: try more --epochs, then a lower --teacher_temp or --out_dim")
     if entropy_cls[1] < math.log(2):
         return "one dimension", (
             f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
-            f"dimension (entropy of their batch mean {entropy_cls[1]:.2f} < ln 2); raise "
-            f"--teacher_temp towards 0.04-0.07, or lower --lr")
+            f"dimension (entropy of their mean {entropy_cls[1]:.2f} < ln 2); raise --teacher_temp "
+            f"towards 0.04-0.07, or lower --lr")
     # mean - row entropy is what the batch's outputs tell about their images: a few nats when
     # healthy, near 0 when every image gets the same target (near ln K, the uniform case above).
     if entropy_cls[1] - entropy_cls[0] < 0.05 and entropy_cls[0] < 0.95 * ln_k:
@@ -1675,8 +1577,8 @@ def stop_if_not_finite(first_bad, model, step, iters, ckpt_path, weights_too=Fal
 
 
 class Progress:
-    """The loop's reports, out of its body: sums of train_step's (7,) outputs over the epoch and
-    the log window (on the device: no sync), the image loss's range, throughput and ETA."""
+    """The loop's reports, out of its body: train_step's (7,) outputs summed over the epoch and the
+    log window, and the image loss's range, on the device (no sync); images/s and ETA."""
     NAMES = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",
              "teacher_entropy_cls_mean", "teacher_entropy_patch", "teacher_entropy_patch_mean")
 
@@ -1685,35 +1587,31 @@ class Progress:
         self.total_steps, self.first_step, self.run_start = total_steps, first_step, time.time()
 
     def start_epoch(self, first_it):
-        self.epoch_sum = torch.zeros(7, device=self.device)
-        self.window_sum = torch.zeros(7, device=self.device)
-        self.image_range = torch.tensor([math.inf, -math.inf], device=self.device)  # this rank's
-        self.first_it = self.window_start = first_it
-        self.window_time = time.time()
+        self.sums = torch.zeros(2, 7, device=self.device)  # the epoch's, the window's
+        self.image_low_high = torch.tensor([math.inf, -math.inf], device=self.device)  # this rank
+        self.first_it, self.window_start, self.window_time = first_it, first_it, time.time()
 
     def add(self, losses):
-        self.epoch_sum += losses
-        self.window_sum += losses
-        low, high = self.image_range
-        self.image_range = torch.stack([low.minimum(losses[1]), high.maximum(losses[1])])
+        self.sums += losses
+        low, high = self.image_low_high
+        self.image_low_high = torch.stack([low.minimum(losses[1]), high.maximum(losses[1])])
 
     def window(self, it, step):
-        """The window's outputs (7,) averaged over ranks, its images/s and the run's ETA in
-        seconds, after iteration `it` (global step `step`); starts the next window."""
-        mean = all_reduce_sum(self.window_sum.clone()) / (self.world * (it + 1 - self.window_start))
-        now = time.time()
-        speed = (it + 1 - self.window_start) * self.batch_size / max(now - self.window_time, 1e-9)
+        """After iteration `it` (global `step`): the window's means over ranks (7,), its images/s
+        and the run's ETA in seconds; starts the next window."""
+        n, now = it + 1 - self.window_start, time.time()
+        mean = all_reduce_sum(self.sums[1].clone()) / (self.world * n)
         eta = (now - self.run_start) / (step + 1 - self.first_step) * (self.total_steps - step - 1)
-        self.window_sum.zero_()
+        speed = n * self.batch_size / max(now - self.window_time, 1e-9)
+        self.sums[1].zero_()
         self.window_start, self.window_time = it + 1, now
         return mean.tolist(), speed, eta
 
     def epoch_stats(self, iters):
         """The epoch's means over ranks, by name, and this rank's mean CLS entropies (2,)."""
         n = iters - self.first_it
-        entropy_cls = (self.epoch_sum[3:5] / n).tolist()
-        mean = (all_reduce_sum(self.epoch_sum.clone()) / (self.world * n)).tolist()
-        return dict(zip(self.NAMES, mean)), entropy_cls
+        mean = all_reduce_sum(self.sums[0].clone()) / (self.world * n)
+        return dict(zip(self.NAMES, mean.tolist())), (self.sums[0, 3:5] / n).tolist()
 
 
 def build_models(args, device, rank, world):
@@ -1747,7 +1645,7 @@ def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, 
     teacher.load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
     loss_fn.load_state_dict(ckpt["loss"])
-    if len(ckpt["rng"]) == world:
+    if len(ckpt["rng"]) == world:  # drop path's draws: this rank's generator, as it was
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
@@ -1755,9 +1653,8 @@ def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, 
 
 
 def train(args):
-    """The whole run, in stages: data, models, optimiser and schedules, resume, the loop, the end
-    of each epoch. Only the drivers (train, evaluate, run_tool, main) and their helpers read
-    `args`; every piece they call takes plain values."""
+    """The whole run: data, models, optimiser and schedules, resume, the loop, the end of each
+    epoch. Only the drivers (train, evaluate, main) and their helpers read `args`."""
     rank, world, device, log, amp_dtype = start_run(args)
     local_batch = args.batch_size // world
     prepare_output_dir(args.output_dir)
@@ -1784,9 +1681,8 @@ def train(args):
     # Models, optimiser and schedules
     student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
     loss_fn = PWSelfLoss(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
-                             args.warmup_teacher_temp_epochs,
-                             patch_loss_weight=args.patch_loss_weight,
-                             loss_weighting=args.loss_weighting).to(device)
+                         args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
+                         loss_weighting=args.loss_weighting).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
     # DINO's linear scaling rule: the peak learning rate grows with the global batch.
     lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs,
@@ -1821,8 +1717,7 @@ def train(args):
         f"{args.batch_size} on {world} process(es), {device.type}")
 
     # The loop
-    # first step with a non-finite loss
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss's step
     progress = Progress(device, world, args.batch_size, args.epochs * iters,
                         start_epoch * iters + start_iter)
     results, warned, ln_k = {}, set(), math.log(args.out_dim)
@@ -1858,7 +1753,7 @@ def train(args):
         # End of the epoch: collapse check, unreadable files, checkpoint, evaluation, log.txt
         stop_if_not_finite(first_bad, unwrap(student), step, iters, ckpt_path, weights_too=True)
         stats, entropy_cls = progress.epoch_stats(iters)
-        collapse = collapse_warning(progress.image_range.tolist(), entropy_cls, args.out_dim)
+        collapse = collapse_warning(progress.image_low_high.tolist(), entropy_cls, args.out_dim)
         if collapse and collapse[0] not in warned:  # each kind once per run
             warned.add(collapse[0])
             log(collapse[1], flush=True)
@@ -1867,16 +1762,14 @@ def train(args):
         if bad_images > args.max_bad_images * seen:
             raise UserError(f"{bad_images} of {seen} images read in epoch {epoch + 1} were "
                             f"unreadable, more than --max_bad_images {args.max_bad_images}; fix or "
-                            "remove the files named in the warnings above, or raise "
-                            "--max_bad_images")
+                            "remove the files named in the warnings above, or raise that flag")
         start_iter = 0
         save(epoch + 1, 0)
         stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
                      train_wd=float(wd_schedule[step]), epoch=epoch)
         last = epoch + 1 == args.epochs
-        knn = last or (args.knn_every and (epoch + 1) % args.knn_every == 0)
         linear = last or (args.linear_every and (epoch + 1) % args.linear_every == 0)
-        if knn or linear:
+        if linear or (args.knn_every and (epoch + 1) % args.knn_every == 0):
             label = "trained teacher" if last else f"teacher after epoch {epoch + 1}"
             results = evaluation(label, linear)
             stats.update(results)
@@ -1905,9 +1798,7 @@ def evaluate(args):
                              args.seed, log)
 
 
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
+# ---- Main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     try:
@@ -1929,10 +1820,9 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Even after a clean destroy_process_group, torch's C++ teardown at interpreter exit now and
-        # then aborts a rank ("terminate called without an active exception", about 1 run in 25 on
-        # CPU/gloo), turning a finished run into a failed one. Everything is written and flushed by
-        # now, so leave without that teardown.
+        # Even after a clean destroy_process_group, torch's C++ teardown at exit now and then aborts
+        # a rank ("terminate called without an active exception", about 1 run in 25 on gloo),
+        # failing a finished run. All is written: leave without that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

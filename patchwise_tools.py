@@ -77,6 +77,19 @@ def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96
     return pairs, box, flip
 
 
+def last_selfattention(backbone, x):
+    """The attention weights of a ViT's last block, (B, heads, 1 + N, 1 + N), each row summing to
+    1: its softmax written out, where the ViT calls the fused kernel that keeps no weights."""
+    x = backbone.prepare_tokens(x)
+    for block in backbone.blocks[:-1]:
+        x = block(x)
+    last = backbone.blocks[-1]
+    B, N, C = x.shape
+    qkv = last.attn.qkv(last.norm1(x)).reshape(B, N, 3, last.attn.num_heads, -1)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, C/H)
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, H, N, N)
+
+
 def show_attention(image, out_path, backbone, size=224, mass=0.6):
     """DINO's attention picture: for each head of the last block, the patches that hold `mass` of
     the CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
@@ -85,7 +98,7 @@ def show_attention(image, out_path, backbone, size=224, mass=0.6):
     x = pw.normalize(TF.pil_to_tensor(img)[None].float() / 255)
     with torch.no_grad():
         # (heads, 1 + N): the CLS token's row
-        attn = backbone.eval().get_last_selfattention(x)[0, :, 0]
+        attn = last_selfattention(backbone.eval(), x)[0, :, 0]
     g = size // backbone.patch_size
     cls_to_patch = attn[:, 1:] / attn[:, 1:].sum(1, keepdim=True)  # (heads, N)
     value, order = cls_to_patch.sort(dim=1, descending=True)

@@ -57,10 +57,12 @@ def test_sdpa_attention_equals_explicit_softmax_in_float64():
     ref = F.linear(ref, attn.proj.weight.double(), attn.proj.bias.double())
     rel = (out.double() - ref).norm() / ref.norm()
     assert rel < 1e-6
-    # the explicit path used for attention maps agrees too, and its weights are a distribution
-    out2, w = attn(x, return_attention=True)
-    assert torch.allclose(out2, out, atol=1e-5)
-    assert torch.allclose(w.double(), weights, atol=1e-6)
+    # the weights the attention pictures show are these, each row a distribution
+    vit = pw.vit_tiny(patch_size=8, depth=1, img_size=32).eval()
+    vit.blocks[0].attn = attn
+    vit.blocks[0].norm1 = torch.nn.Identity()  # so that the block's attention input is x itself
+    vit.prepare_tokens = lambda _: x
+    assert torch.allclose(tools.last_selfattention(vit, None).double(), weights, atol=1e-6)
 
 
 def test_position_embedding_interpolation_is_identity_on_the_native_grid():
@@ -681,7 +683,7 @@ def test_linear_probe_is_the_converged_logistic_regression_on_ill_conditioned_fe
     for l2 in (1e-2, 1e-4):
         mean, std, W_ref, b_ref, f_ref = _newton_logistic(x, y, 4, l2)
         ref = 100 * ((((vx.double() - mean) / std) @ W_ref + b_ref).argmax(1) == vy).double().mean().item()
-        W, b = pw.fit_logistic(x, y, 4, l2, mean.float(), std.float())
+        W, b = pw.fit_logistic(x, y, 4, l2, mean.float(), std.float(), pw.feature_stats(x)[2])
         f_ours = pw.logistic_objective(x, y, W, b, mean.float(), std.float(), l2)[0].item()
         assert f_ours <= f_ref * (1 + 1e-4) + 1e-6, (l2, f_ours, f_ref)  # the same optimum
         assert abs(pw.linear_accuracy(vx, vy, W, b, mean.float(), std.float())[0] - ref) <= 0.5
@@ -720,8 +722,8 @@ def test_linear_probe_chooses_its_l2_on_training_images_only():
     assert a["linear_wd"] == b["linear_wd"] == c["linear_wd"]
     assert b["linear_top1"] < 40 < a["linear_top1"]  # and the val set was really used for the report
     # the held-out choice matters: the weakest L2 does worse on val than the one chosen
-    mean, std = x.float().mean(0), x.float().std(0, unbiased=False)
-    weakest = pw.fit_logistic(x, y, 4, pw.LINEAR_L2[-1], mean, std)
+    mean, std, basis = pw.feature_stats(x)
+    weakest = pw.fit_logistic(x, y, 4, pw.LINEAR_L2[-1], mean, std, basis)
     assert a["linear_wd"] > pw.LINEAR_L2[-1]
     assert a["linear_top1"] > pw.linear_accuracy(vx, vy, *weakest, mean, std)[0] + 1
 
@@ -742,7 +744,7 @@ def test_extract_features_returns_dataset_order_and_normalised_cls():
     backbone = pw.vit_tiny(patch_size=8, depth=1, img_size=32)
     feats, labels, linear = pw.extract_features(backbone, ds, batch_size=6, device=torch.device("cpu"),
                                                 linear=(4, False))
-    assert feats.shape == (20, 192) and torch.equal(labels, torch.as_tensor(train.targets))
+    assert feats.shape == (20, 192) and torch.equal(labels, torch.tensor([y for _, y in train]))
     x = torch.stack([ds[i][0] for i in (3, 17)])
     with torch.no_grad():
         direct = F.normalize(backbone.eval()(pw.normalize(x.float() / 255))[:, 0], dim=1)
@@ -1182,7 +1184,7 @@ def test_show_attention_draws_a_distribution_per_head(tmp_path):
     import torchvision.transforms.functional as TF
     img = TF.center_crop(TF.resize(_photo(), 32, interpolation=TF.InterpolationMode.BICUBIC), 32)
     with torch.no_grad():  # the CLS row of the last block's attention over the centre crop
-        ref = backbone.get_last_selfattention(pw.normalize(TF.pil_to_tensor(img)[None].float() / 255))[0, :, 0]
+        ref = tools.last_selfattention(backbone, pw.normalize(TF.pil_to_tensor(img)[None].float() / 255))[0, :, 0]
     assert attn.shape == (3, 1 + 16) and torch.allclose(attn, ref, atol=1e-6)
     assert Image.open(tmp_path / "a.png").size == (4 * (224 + 4) - 4, 224)  # the image and a panel per head, x7
 

@@ -83,7 +83,7 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 # The linear probe's L2 strengths (penalty l2 / 2 |W|^2 on standardised features), strongest first.
 LINEAR_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
-# 32/16 px views for CPU_SAMPLES samples on a CPU (5 minutes on 2 cores; 6-8 k-NN points over the
+# 32/16 px views for CPU_SAMPLES samples on a CPU (6 minutes on 2 cores; 6-8 k-NN points over the
 # demo's 20,000 on real digits), ten times that on a GPU; larger ones DINO's ImageNet recipe.
 SMALL_SIDE, CPU_SAMPLES = 64, 32_000
 

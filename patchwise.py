@@ -1121,8 +1121,8 @@ def feature_stats(x, chunk=65536):
     chunks = [x[i:i + chunk] for i in range(0, len(x), chunk)]
     mean = sum(c.float().sum(0) for c in chunks) / len(x)
     std = (sum((c.float() - mean).square().sum(0) for c in chunks) / len(x)).sqrt().clamp_min(1e-6)
-    cov = sum(((c.float() - mean) / std).T @ ((c.float() - mean) / std) for c in chunks) / len(x)
-    s, U = torch.linalg.eigh(cov)  # (F,), (F, F)
+    cov = sum(z.T @ z for z in ((c.float() - mean) / std for c in chunks)) / len(x)  # (F, F)
+    s, U = torch.linalg.eigh(cov)
     return mean, std, (s.clamp_min(0), U)
 
 

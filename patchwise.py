@@ -1131,8 +1131,9 @@ def linear_accuracy(x, y, W, b, mean, std):
     """Top-1 and top-5 in percent of the classifier (W, b) on standardised features of x (N, F)."""
     top1 = top5 = 0
     W_x = W / std.unsqueeze(1)  # standardisation folded into the layer, as logistic_objective
+    b_x = b - mean @ W_x
     for i in range(0, len(x), 65536):
-        logits = x[i:i + 65536].float() @ W_x + (b - mean @ W_x)  # (c, C)
+        logits = x[i:i + 65536].float() @ W_x + b_x  # (c, C)
         hit = logits.topk(min(5, W.shape[1]), dim=1).indices == y[i:i + 65536].unsqueeze(1)
         top1 += hit[:, 0].sum().item()
         top5 += hit.any(dim=1).sum().item()
@@ -1383,8 +1384,7 @@ def setup_distributed(device_arg=None):
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else \
-        torch.device("cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not _distributed():

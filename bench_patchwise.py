@@ -159,7 +159,7 @@ def build_variant(name, device, arch, depth, patch, global_size, local_size, n_l
     teacher = pw.build_encoder(arch, patch, K, 0.0, depth, global_size, *head).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    loss_fn = pw.PWSelfLoss(K, 100, patch_loss_weight=weight).to(device)
+    loss_fn = pw.PWSelfLoss(K, patch_loss_weight=weight).to(device)
     opt = torch.optim.AdamW(pw.param_groups(student), fused=device.type == "cuda")
 
     def step():

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -37,60 +38,47 @@ from PIL import Image
 # in a preset take DEFAULTS, which are DINO's (main_dino.py) unless a comment says otherwise.
 DEFAULTS = dict(
     arch="vit_small", patch_size=16,  # DINO's ViT-S/16, whose ImageNet numbers are the reference
-    depth=None,  # None: the architecture's own, 12 blocks
-    drop_path=0.1,  # DINO's stochastic depth for ViT-S
+    depth=None, drop_path=0.1,  # None: the architecture's 12 blocks; DINO's drop path for ViT-S
     out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
-    head_hidden_dim=2048, bottleneck_dim=256,  # DINO's head
-    norm_last_layer=True,  # DINO: a frozen norm keeps ViT-S stable
-    global_size=224, local_size=96,  # DINO's 2 global views and its local views
-    n_local=8,  # DINO's 8 local views for its 100-epoch ViT-S runs
+    head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,  # DINO's head, norm frozen
+    global_size=224, local_size=96, n_local=8,  # DINO's 2 global, 8 local views (100-epoch ViT-S)
     global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),  # DINO's RandomResizedCrop areas
     blur_sigma=(0.1, 2.0),  # DINO's (torchvision's) Gaussian blur, set for 224 px views
     batch_size=512,  # global, over all ranks; DINO's ViT-S/16 runs used 1024 on 16 GPUs
-    epochs=100,  # DINO's shortest ViT-S schedule
-    lr=5e-4,  # per 256 images, scaled linearly with the batch (DINO)
-    min_lr=1e-6, warmup_epochs=10,  # DINO's cosine's end and linear warm-up
-    weight_decay=0.04, weight_decay_end=0.4,  # DINO's cosine weight decay
-    momentum_teacher=0.996,  # DINO's, raised to 1 by a cosine
-    clip_grad=3.0,  # DINO's per-parameter clip
+    epochs=100, lr=5e-4,  # DINO's shortest ViT-S schedule; lr per 256 images, scaled with the batch
+    min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,  # DINO's cosines
+    momentum_teacher=0.996, clip_grad=3.0,  # DINO's EMA (to 1 by a cosine), per-parameter clip
     freeze_last_layer=1,  # DINO: the head's last layer fixed for the first epoch
-    teacher_temp=0.04,  # DINO's for ViT-S; above 0.07 it becomes unstable
-    warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,  # no warm-up: both are 0.04
-    num_workers=10,  # DINO's per GPU; capped at the cores each process may use
+    teacher_temp=0.04, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=0,  # DINO's ViT-S
+    num_workers=10, log_every=50,  # DINO's workers per GPU, capped at each process's cores
     knn_every=0, knn_k=(10, 20, 100, 200),  # k-NN at the end (minutes on ImageNet); DINO's ks
     linear_iters=1000,  # the probe's L-BFGS iterations at most (CLIP's cap); the sweep's a 20th
-    log_every=50,
 )
 PRESETS = {
-    # The CPU demo, about 4 minutes on 2 cores: everything that sets the cost per image is cut (4
-    # blocks, a 4x4 grid of 8 px patches, 4 locals, a small head and K), and the ~600 steps that
-    # buys get a small batch and a teacher that follows faster than in a 100-epoch run.
+    # The CPU demo, about 4 minutes on 2 cores: the cost per image cut (4 blocks, a 4x4 grid of 8 px
+    # patches, 4 locals, small head and K); its ~600 steps: a small batch, a faster teacher.
     "synthetic": dict(arch="vit_tiny", patch_size=8, depth=4, drop_path=0.0, out_dim=1024,
                       head_hidden_dim=512, bottleneck_dim=128, global_size=32, local_size=16,
                       n_local=4, batch_size=32, epochs=4, lr=4e-3, warmup_epochs=1,
                       momentum_teacher=0.99, freeze_last_layer=0, num_workers=0, log_every=40),
-    # CIFAR-10 at its native 32 px, patch 4: an 8x8 grid (the public PW-Self code upsamples it to
-    # 224 px). No blur: DINO's sigma of up to 2 px was set for 224 px views, SimCLR's CIFAR-10
-    # recipe drops it too, and at 32 px the demo gains 2.3 k-NN points without it.
+    # CIFAR-10 at its 32 px, patch 4: an 8x8 grid (the public PW-Self code upsamples to 224 px). No
+    # blur: DINO's was set for 224 px views, SimCLR's CIFAR-10 recipe drops it, the demo gains 2.3.
     "cifar10": dict(patch_size=4, global_size=32, local_size=16, blur_sigma=(0.0, 0.0),
                     out_dim=4096, epochs=300, knn_every=20, num_workers=8),
     # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
     "in100": dict(epochs=300, knn_every=20),
-    "in1k": dict(),
-    "folder": dict(knn_every=10),
+    "in1k": dict(), "folder": dict(knn_every=10),
 }
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 # The linear probe's L2 strengths (penalty l2 / 2 |W|^2 on standardised features), strongest first.
 LINEAR_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-# --data folder: images with a median short side up to SMALL_SIDE px get the demo's model and
-# 32/16 px views for CPU_SAMPLES samples on a CPU (6 minutes on 2 cores; 6-8 k-NN points over the
-# demo's 20,000 on real digits), ten times that on a GPU; larger ones DINO's ImageNet recipe.
+# --data folder: a median side up to SMALL_SIDE px gets the demo's model for CPU_SAMPLES samples on
+# a CPU (6 min on 2 cores; digits: 6-8 k-NN points over 20,000), 10x on a GPU; larger: ImageNet's.
 SMALL_SIDE, CPU_SAMPLES = 64, 32_000
 
 
 def folder_preset(data_path, cuda):
-    """PRESETS['folder'], or for small images the demo's, its epochs set from the set's size.
-    Returns (preset, a line saying which)."""
+    """PRESETS['folder'], or the demo's sized to the set for small images; its log line(args)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
     root = os.path.join(data_path, "train")
     classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
@@ -107,15 +95,16 @@ def folder_preset(data_path, cuda):
             except (OSError, ValueError, SyntaxError):
                 pass
     side = sorted(sides)[len(sides) // 2] if sides else None
+    run = lambda a: f"{a.arch}/{a.patch_size} at {a.global_size}/{a.local_size} px"  # noqa: E731
     if side is None or side > SMALL_SIDE:
-        return PRESETS["folder"], "ImageNet recipe for --data folder (DINO's ViT-S/16 at 224/96 px)"
+        return PRESETS["folder"], lambda a: f"ImageNet recipe for --data folder: {run(a)}"
     samples = CPU_SAMPLES * (10 if cuda else 1)  # a GPU trains ten times longer in the same minutes
     n = sum(len(images(folder)) for folder in classes)  # small images: a small count to make
     preset = {**PRESETS["synthetic"], "knn_every": 0, "epochs": max(1, round(samples / n)),
               "num_workers": 8 if cuda else 0}
-    return preset, (f"small-image recipe for --data folder (median side {side} px <= "
-                    f"{SMALL_SIDE}): the demo's ViT-tiny/8 at 32/16 px, {preset['epochs']} epochs "
-                    f"of {n} images, about {samples} samples, on the {'GPU' if cuda else 'CPU'}")
+    return preset, lambda a: (f"small-image recipe for --data folder (median side {side} px <= "
+                              f"{SMALL_SIDE}): {run(a)}, {a.epochs} epochs of {n} images, about "
+                              f"{a.epochs * n} samples, on the {'GPU' if cuda else 'CPU'}")
 
 
 class UserError(Exception):
@@ -128,8 +117,7 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the real default of a flag whose value comes from DEFAULTS (its argparse
-    default is None, so that the preset can fill it), and each preset's value where it differs."""
+    """--help shows the real default of a flag of DEFAULTS and each preset's value that differs."""
 
     def _get_help_string(self, action):
         if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
@@ -154,14 +142,11 @@ def build_parser():
                formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="synthetic", choices=list(PRESETS),
-                   help="Dataset and preset. synthetic: shapes made in memory (the CPU demo); "
-                        "cifar10: torchvision's; in100 (CMC's classes), in1k, folder: ImageFolders "
-                        f"train/ and val/; folder's images up to {SMALL_SIDE} px get the demo's "
-                        f"model, for {CPU_SAMPLES} samples on a CPU, ten times that on a GPU.")
+                   help="Dataset and preset: synthetic (the CPU demo's shapes), cifar10, in100 "
+                        "(CMC's classes), in1k, folder (train/, val/; small images: the demo's).")
     d.add_argument("--data_path", default="data", help="Root of the dataset.")
     d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
-    d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000),
-                   help="Train and val sizes of the synthetic set.")
+    d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000), help="Train, val.")
     d.add_argument("--num_workers", type=int, help="Data loader processes per rank (decode, crop).")
     d.add_argument("--max_bad_images", type=float, default=0.01, help="Unreadable images "
                    "tolerated in an epoch, as a fraction (each replaced by another and named).")
@@ -182,16 +167,13 @@ def build_parser():
     a.add_argument("--local_scale", type=float, nargs=2, help="Crop area range, local views.")
     a.add_argument("--blur_sigma", type=float, nargs=2, help="Blur sigma range (0 0: no blur).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
-                   help="patch: each patch draws its own colour jitter and grayscale (PW-Self); "
-                        "view: one draw per view (DINO).")
+                   help="patch: colour jitter, grayscale drawn per patch (PW-Self); view: (DINO).")
     a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
-                   help="coords: match patches through the crop geometry (PW-Self); similarity: "
-                        "by cosine similarity of backbone features, as EsViT/GTSA (ablation).")
+                   help="Patches matched by crop geometry (PW-Self) or feature similarity (EsViT).")
     l = p.add_argument_group("loss")
     l.add_argument("--patch_loss_weight", type=float, default=1.0, help="0 is plain DINO.")
     l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
-                   help="sum: L_image + w L_patch, each a mean; token_mean: per pair, CLS and "
-                        "patch terms averaged as one set (the public PW-Self code).")
+                   help="sum: L_image + w L_patch, each a mean; token_mean: the PW-Self code's.")
     l.add_argument("--teacher_temp", type=float, help="Final teacher temperature (to 0.07).")
     l.add_argument("--warmup_teacher_temp", type=float, help="Initial teacher temperature.")
     l.add_argument("--warmup_teacher_temp_epochs", type=int, help="Epochs of its linear warm-up.")
@@ -200,7 +182,7 @@ def build_parser():
     o.add_argument("--epochs", type=int, help="Training epochs.")
     o.add_argument("--lr", type=float, help="Peak lr per 256 images, scaled with the batch.")
     o.add_argument("--min_lr", type=float, help="Learning rate at the end.")
-    o.add_argument("--warmup_epochs", type=int, help="Epochs of lr warm-up.")
+    o.add_argument("--warmup_epochs", type=float, help="Epochs of lr warm-up.")
     o.add_argument("--weight_decay", type=float, help="Initial weight decay.")
     o.add_argument("--weight_decay_end", type=float, help="Final weight decay.")
     o.add_argument("--momentum_teacher", type=float, help="Initial teacher EMA momentum (to 1).")
@@ -212,21 +194,17 @@ def build_parser():
     r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
     r.add_argument("--ckpt_every", type=int, default=0, help="Also save every N iterations.")
     r.add_argument("--log_every", type=int, help="Log period in iterations.")
-    r.add_argument("--knn_every", type=int,
-                   help="k-NN every N epochs (0: only at the end, beside the linear probe).")
+    r.add_argument("--knn_every", type=int, help="k-NN every N epochs (0: at the end only).")
     r.add_argument("--knn_k", type=int, nargs="+", help="k values of the k-NN.")
-    r.add_argument("--linear_iters", type=int,
-                   help="Linear probe (0: none) on DINO's features of the frozen teacher: logistic "
-                        "regression by L-BFGS, at most this many iterations a fit, for each L2 "
-                        f"strength of {LINEAR_L2}; held-out training images choose it.")
+    r.add_argument("--linear_iters", type=int, help="The linear probe's L-BFGS iterations at most "
+                   f"a fit, for each L2 of {LINEAR_L2} (0: no probe).")
     r.add_argument("--eval_only", action="store_true", help="Evaluate output_dir or --pretrained.")
     r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
     r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true", help="torch.compile the step's models.")
     t = p.add_argument_group("weights (pictures and export: patchwise_tools.py)")
-    t.add_argument("--pretrained",
-                   help="Backbone weights to start from or, with --eval_only, to evaluate: ours, "
-                        "DINO's checkpoints or backbones, timm ViT state dicts.")
+    t.add_argument("--pretrained", help="Backbone weights to start from or, with --eval_only, to "
+                   "evaluate: ours, DINO's checkpoints or backbones, timm ViT state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"))
     t.add_argument("--trust_checkpoint", action="store_true", help="Unpickle it (DINO's files).")
     return p
@@ -239,11 +217,17 @@ def resolve_args(argv=None):
     if args.data == "folder":
         cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
         preset, recipe = folder_preset(args.data_path, cuda)
-        args.notes.append(recipe)
     args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # by the user
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, value))
+    if args.data == "folder":
+        args.notes.append(recipe(args))
+    if args.warmup_epochs >= args.epochs and "warmup_epochs" not in args.given:  # no peak, no decay
+        args.notes.append(f"the preset's {args.warmup_epochs:g} warm-up epochs outlast --epochs "
+                          f"{args.epochs}: warm-up scaled to a tenth of the run, "
+                          f"{args.epochs / 10:g} epochs")
+        args.warmup_epochs = args.epochs / 10
     for key in ("global_scale", "local_scale", "blur_sigma", "knn_k"):  # lists when given
         setattr(args, key, tuple(getattr(args, key)))
     # More loader processes than the cores this rank may use only make them fight for the cores.
@@ -256,23 +240,25 @@ def resolve_args(argv=None):
     return args
 
 
-# What each numeric flag takes: (test of one value, the words for it). --seed takes any integer.
+# What each numeric flag takes: (test of one value, its words); size bounds keep shapes in int64.
 ORDERED = ("global_scale", "local_scale", "blur_sigma")  # ranges: (low, high)
 POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "a positive number"), (lambda v: v >= 0, "0 or more")
-UNIT = (lambda v: 0 < v <= 1, "a value in (0, 1]")
+UNIT, WIDTH = (lambda v: 0 < v <= 1, "a value in (0, 1]"), (lambda v: 0 < v <= 2 ** 24, "1 to 2^24")
+SIDE = (lambda v: 0 < v <= 2 ** 16, "1 to 2^16 px")
 RANGES = dict(
-    synthetic_size=POSITIVE, num_workers=NON_NEGATIVE,
-    max_bad_images=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    synthetic_size=(lambda v: 0 < v <= 50_000, "1 to 50000 (the set is made in memory)"),
+    num_workers=NON_NEGATIVE, max_bad_images=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     patch_size=POSITIVE, depth=POSITIVE, drop_path=(lambda v: 0 <= v < 1, "a value in [0, 1)"),
-    out_dim=(lambda v: v >= 2, "2 or more"), head_hidden_dim=POSITIVE, bottleneck_dim=POSITIVE,
-    global_size=POSITIVE, local_size=POSITIVE, n_local=NON_NEGATIVE, global_scale=UNIT,
+    out_dim=(lambda v: 2 <= v <= 2 ** 24, "2 to 2^24"), head_hidden_dim=WIDTH, bottleneck_dim=WIDTH,
+    global_size=SIDE, local_size=SIDE, n_local=NON_NEGATIVE, global_scale=UNIT,
     local_scale=UNIT, blur_sigma=NON_NEGATIVE, patch_loss_weight=NON_NEGATIVE,
     teacher_temp=POSITIVE, warmup_teacher_temp=POSITIVE, warmup_teacher_temp_epochs=NON_NEGATIVE,
-    batch_size=POSITIVE, epochs=POSITIVE, lr=POSITIVE, min_lr=NON_NEGATIVE,
-    warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE, weight_decay_end=NON_NEGATIVE,
-    momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"), clip_grad=NON_NEGATIVE,
-    freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE, log_every=POSITIVE,
-    knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_iters=NON_NEGATIVE,
+    batch_size=POSITIVE, epochs=(lambda v: 0 < v <= 10 ** 6, "1 to 10^6"), lr=POSITIVE,
+    min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
+    weight_decay_end=NON_NEGATIVE, momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
+    clip_grad=NON_NEGATIVE, freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE,
+    log_every=POSITIVE, knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_iters=NON_NEGATIVE,
+    seed=(lambda v: -2 ** 63 <= v < 2 ** 63, "an integer of 64 bits, -2^63 to 2^63 - 1"),
 )
 
 
@@ -284,21 +270,30 @@ def check_args(args):
             continue
         values = value if isinstance(value, (tuple, list)) else (value,)
         shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-        if not all(math.isfinite(v) and allowed(v) for v in values):
+        if not all((isinstance(v, int) or math.isfinite(v)) and allowed(v) for v in values):
             raise UserError(f"--{name} {shown} is out of range: it takes {words}")
         if name in ORDERED and values[0] > values[1]:
             raise UserError(f"--{name} {shown}: give the smaller value first")
     for name in ("global_size", "local_size"):
-        size = getattr(args, name)
-        if size % args.patch_size:
-            raise UserError(f"--{name} {size} is not divisible by --patch_size {args.patch_size}; "
-                            "use a multiple such as "
-                            f"{size // args.patch_size * args.patch_size or args.patch_size}")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} does not split over {world} processes; "
-                        f"use a multiple of {world} such as "
-                        f"{max(world, args.batch_size // world * world)}")
+        size, p = getattr(args, name), args.patch_size
+        if size % p:
+            raise UserError(f"--{name} {size} is not divisible by --patch_size {p}; use a multiple "
+                            f"such as {size // p * p or p}")
+    for flag, path, folder in (("data_path", args.data != "synthetic" and args.data_path, True),
+                               ("output_dir", args.output_dir, True),
+                               ("pretrained", args.pretrained, False)):
+        check_path(f"--{flag}", path, folder)
+    world, b = int(os.environ.get("WORLD_SIZE", 1)), args.batch_size  # world: set by torchrun
+    if b % world:
+        raise UserError(f"--batch_size {b} does not split over {world} processes; use a multiple "
+                        f"of {world} such as {max(world, b // world * world)}")
+
+
+def check_path(flag, path, folder):
+    """A path of the wrong kind, a file where a folder is wanted or the reverse, named up front."""
+    if path and os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}; it takes a "
+                        f"{'folder' if folder else 'file'}")
 
 
 # Processes (torchrun): every later section asks these two.
@@ -401,8 +396,7 @@ class VisionTransformer(nn.Module):
         return self.get_intermediate_layers(x)[0]  # (B, 1 + N, D)
 
     def get_intermediate_layers(self, x, n=1):
-        """The last n blocks' outputs after the final norm, n x (B, 1 + N, D), as DINO's linear
-        evaluation reads them."""
+        """The last n blocks' outputs after the final norm, n x (B, 1 + N, D): DINO's probe's."""
         x, outputs = self.prepare_tokens(x), []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -420,8 +414,7 @@ vit_tiny, vit_small, vit_base = (functools.partial(vit, arch) for arch in VIT_SI
 
 
 class WeightNormLinear(nn.Module):
-    """Linear layer without bias, weight = g * v / ||v|| per output row. Same parameter names as
-    torch.nn.utils.weight_norm (weight_g, weight_v), which DINO's checkpoints use."""
+    """weight = g v / ||v|| per output row, no bias; named as torch's weight_norm, as in DINO."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -449,9 +442,8 @@ class DINOHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """DINO's MultiCropWrapper: a backbone call per resolution, then one head call over all
-    tokens, or the CLS tokens alone with patches=False (plain DINO). Returns, per resolution, the
-    tokens (B_r, 1 + N_r, D) and the head's outputs (B_r, T_r, K), T_r = 1 + N_r or 1."""
+    """DINO's MultiCropWrapper: per resolution, the tokens (B_r, 1 + N_r, D) and the head's outputs
+    (B_r, T_r, K), one head call for all, T_r = 1 + N_r, or 1 with patches=False (plain DINO)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -474,9 +466,8 @@ def build_encoder(arch, patch_size, out_dim, drop_path=0.0, depth=None, img_size
 
 
 # ---- Augmentation: spatial views with their geometry (workers), photometric (device, batched) ----
-# Every random number below comes from a generator the caller passes in; the training data seeds
-# it with (seed, epoch, sample index), so a sample's views are the same on any worker, rank or
-# world size, and after a resume.
+# Every random number below comes from a generator the caller passes in, seeded by (seed, epoch,
+# sample index) in training: a sample's views are the same on any worker, rank, world, resume.
 
 def sample_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's law with float boxes (10 tries, then the largest centred box of an
@@ -498,9 +489,8 @@ def sample_crop_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
 
 def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4, 1.0),
                   local_scale=(0.05, 0.4)):
-    """2 global and n_local local views of a PIL RGB image, random resized crops flipped with
-    p=0.5: uint8 (2, 3, Sg, Sg) and (n_local, 3, Sl, Sl), and where each came from (all that the
-    matching needs): box float32 (V, 4) = (top, left, height, width) in image pixels, flip (V,)."""
+    """2 global and n_local local random resized crops, flipped with p=0.5: uint8 (2, 3, Sg, Sg),
+    (n_local, 3, Sl, Sl), and all the matching needs: box (V, 4) (top, left, h, w) px, flip (V,)."""
     width, height = img.size
     views, boxes, flips = [], [], []
     for v in range(2 + n_local):
@@ -522,9 +512,8 @@ def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4,
 
 def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
                             jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=(0.1, 2.0)):
-    """DINO's colour augmentation drawn for n_views views of n_tiles tiles each (the patches for
-    PW-Self, 1 for DINO). Returns float32 tile params (n_views, n_tiles, 6) = (jitter on, bright,
-    contrast, saturation, hue, grayscale on), view params (n_views, 2) = (blur sigma, solarize)."""
+    """DINO's colour augmentation drawn for n_views views of n_tiles tiles (patches; 1 for DINO):
+    tile (V, T, 6): jitter on, bright, contrast, sat, hue, gray; view (V, 2): blur sigma, solar."""
     b, c, s, h = jitter
     u = rng.random((n_views, n_tiles, 6), dtype=np.float32)
     tile = np.stack([u[..., 0] < p_jitter, 1 - b + 2 * b * u[..., 1], 1 - c + 2 * c * u[..., 2],
@@ -543,8 +532,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @functools.lru_cache(maxsize=None)
 def constant(values, device):
-    """A small constant tensor on `device`, made once: a tensor made from host values waits for
-    the device, which the training step must never do."""
+    """A constant tensor on `device`, made once: one made from host values would wait for it."""
     return torch.tensor(values, device=device)
 
 
@@ -588,8 +576,7 @@ def color_jitter_tiles(x, tile):
 
 
 def gaussian_blur(x, sigma, radius=6):
-    """Blur each image of (B, C, H, W) with its own sigma (B,), 0 for none: separable, one grouped
-    convolution per axis for the whole batch."""
+    """Each image of (B, C, H, W) blurred with its sigma (B,), 0 for none: separable, batched."""
     B, C, H, W = x.shape
     radius = min(radius, H - 1, W - 1)  # reflect padding needs it; 6 covers 3 sigma at sigma 2
     k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -619,12 +606,10 @@ def photometric_augment(views, tile, view):
 # ---- Patch matching ------------------------------------------------------------------------------
 
 def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
-    """For every patch of a student view, the teacher patch that shows the same point of the image:
-    the student patch centre goes through the student crop box to original-image pixels, then into
-    the teacher view. Geometry only: O(N_s), no features. t_box, s_box: float (B, 4) = (top, left,
-    height, width) in original pixels; t_flip, s_flip: bool (B,); t_size, s_size: view sides.
-    Returns index long (B, N_s) into the teacher's N_t patch tokens (row-major, no CLS) and valid
-    bool (B, N_s): the point lies in the teacher view."""
+    """For every student patch, the teacher patch showing the same image point: its centre through
+    the student box to image pixels, then into the teacher view; geometry only, O(N_s). Boxes (B, 4)
+    (top, left, h, w) px, flips (B,), sizes: view sides. Returns index (B, N_s) into the teacher's
+    patch tokens (row-major, no CLS) and valid (B, N_s): the point lies in the teacher view."""
     B = s_box.shape[0]
     gs, gt = s_size // patch_size, t_size // patch_size
     centre = (torch.arange(gs, device=s_box.device, dtype=s_box.dtype) + 0.5) * patch_size  # (gs,)
@@ -655,10 +640,9 @@ def match_by_similarity(t_feats, s_feats):
 
 
 def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=None):
-    """Matches of every (teacher global view i, student view v != i) pair, the pairs of a student
-    resolution in one call. box (B, V, 4), flip (B, V), sizes (V,): the views, globals first; by
-    similarity given t_feats G x (B, N_t, D), s_feats V x (B, N_v, D). Returns {(i, v): (index,
-    valid) (B, N_v)}."""
+    """{(i, v): (index, valid) (B, N_v)} for every (teacher global i, student view v != i) pair, a
+    student resolution in one call. box (B, V, 4), flip (B, V), sizes (V,), globals first; by
+    similarity given t_feats G x (B, N_t, D), s_feats V x (B, N_v, D)."""
     B, V = len(box if t_feats is None else t_feats[0]), len(sizes)
     matches = {}
 
@@ -685,12 +669,11 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
 # ---- Loss: image-level and patch-level self-distillation -----------------------------------------
 
 class PWSelfLoss(nn.Module):
-    """PW-Self's loss, DINO's DINOLoss with a patch level, over every (teacher global view i,
-    student view v != i) pair: cross-entropy from the centred, sharpened teacher CLS output to the
-    student's (the image loss), and from each matched teacher patch output to the student patch's,
-    over the valid matches (the patch loss). CLS and patches have their own centres."""
+    """DINO's DINOLoss with a patch level, over (teacher global i, student view v != i) pairs:
+    cross-entropy from the centred, sharpened teacher CLS to the student's (image loss), and from
+    matched teacher patches to student patches, over valid matches (patch loss); a centre each."""
 
-    def __init__(self, out_dim, epochs, warmup_teacher_temp=0.04, teacher_temp=0.04,
+    def __init__(self, out_dim, warmup_teacher_temp=0.04, teacher_temp=0.04,
                  warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9,
                  patch_loss_weight=1.0, loss_weighting="sum"):
         super().__init__()
@@ -699,20 +682,18 @@ class PWSelfLoss(nn.Module):
         self.patch_loss_weight, self.loss_weighting = patch_loss_weight, loss_weighting
         self.register_buffer("center_cls", torch.zeros(1, out_dim))
         self.register_buffer("center_patch", torch.zeros(1, out_dim))
-        # A low teacher temperature early keeps the targets sharp while the student is random.
-        self.teacher_temps = np.concatenate([
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.full(max(epochs - warmup_teacher_temp_epochs, 1), teacher_temp)])
+        self.temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
 
     def teacher_temp(self, epoch):
-        return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+        """DINO's: linear over the warm-up epochs, sharp targets while the student is random."""
+        start, end, n = self.temps
+        return end if epoch >= n else start + (end - start) * epoch / max(n - 1, 1)
 
     def forward(self, student_out, teacher_out, matches, epoch):
         """student_out: per student view (globals first) the head's outputs (B, 1 + N_v, K), CLS
-        first, or only the CLS's (B, 1, K) for plain DINO; teacher_out: the same for the global
-        views; matches[i, v]: (index, valid) (B, N_v), as match_patches returns them. Returns
-        (total, image part, patch part); leaves the teacher's entropies (`entropies`) in
-        self.teacher_entropy, (4,): CLS rows, CLS mean, patch rows, patch mean."""
+        first, or the CLS's (B, 1, K) for plain DINO; teacher_out: the same, global views;
+        matches[i, v]: (index, valid) (B, N_v). Returns (total, image part, patch part); leaves
+        self.teacher_entropy (4,): `entropies` of CLS rows, CLS mean, patch rows, patch mean."""
         temp, w = self.teacher_temp(epoch), self.patch_loss_weight
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
             q_cls = [F.softmax((t[:, 0].float() - self.center_cls) / temp, dim=-1)
@@ -722,9 +703,8 @@ class PWSelfLoss(nn.Module):
         logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
         pairs = [(i, v) for i in range(len(teacher_out)) for v in range(len(student_out)) if v != i]
         B, K = logp[0].shape[0], logp[0].shape[-1]
-        # Valid matches per pair over all ranks, divided by the ranks (DDP averages their
-        # gradients): the patch loss is the mean over the global batch's matches however it is
-        # split. On the device: the host does not wait.
+        # Valid matches per pair over all ranks, / ranks as DDP averages gradients: the mean over
+        # the global batch's matches however it is split; on the device: the host does not wait.
         n_patch = torch.zeros(len(pairs), device=logp[0].device)
         if w > 0:
             n_patch = all_reduce_sum(torch.stack([matches[p][1].sum() for p in pairs]).float())
@@ -763,16 +743,14 @@ class PWSelfLoss(nn.Module):
         stats = all_reduce_sum(torch.cat([cls.float().sum(0), (patch.float() * read).sum(0), n]))
         K, m = cls.shape[1], self.center_momentum
         self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
-        # Only when some rank read patch outputs (never, for plain DINO): decided on the device from
-        # the reduced count, so every rank decides alike and the host does not wait.
+        # Only if some rank read patch outputs (never in plain DINO): on the device, alike on all.
         moved = m * self.center_patch + (1 - m) * stats[K:2 * K] / stats[-1].clamp_min(1)
         self.center_patch.copy_(torch.where(stats[-1] > 0, moved, self.center_patch))
 
 
 def entropies(q, keep=None):
-    """Mean entropy of the rows of probabilities q (M, K) that keep (M,) marks (or all) and the
-    entropy of their mean, in nats, (2,). Healthy: row low, mean high; uniform collapse: both near
-    ln K; collapse onto one dimension: both near 0."""
+    """Mean entropy of the rows of q (M, K) that keep (M,) marks, and the entropy of their mean,
+    (2,) nats. Healthy: row low, mean high; uniform collapse: both near ln K; on one dim: 0."""
     keep = torch.ones(len(q), device=q.device) if keep is None else keep.float()  # (M,)
     n = keep.sum().clamp_min(1)
     row = -(torch.xlogy(q, q).sum(-1) * keep).sum() / n  # xlogy(0, 0) is 0
@@ -789,9 +767,8 @@ SYNTHETIC_PALETTE = np.array([[220, 50, 40], [40, 170, 70], [40, 80, 210], [235,
 
 
 def make_synthetic_shapes(n, size=32, seed=0):
-    """A shape or texture of SYNTHETIC_CLASSES at a random place and scale, one palette colour
-    over another, with noise: uint8 (n, size, size, 3), labels (n,). A small palette on purpose:
-    with random colours, colour would single an image out and be learned instead of shape."""
+    """A shape or texture of SYNTHETIC_CLASSES, one palette colour on another, noisy: uint8 (n, S,
+    S, 3), labels (n,). A small palette: random colours would be learned instead of shapes."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # (S, S) pixel centres
@@ -822,8 +799,7 @@ def make_synthetic_shapes(n, size=32, seed=0):
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
-# ImageNet-100 by convention: the 100 ImageNet-1K classes of CMC (Tian et al. 2019), as its
-# authors published them and solo-learn and most papers use them; other subsets do not compare.
+# ImageNet-100: CMC's 100 classes (Tian et al. 2019), as solo-learn and most papers use; no other.
 IMAGENET100_CLASSES = tuple("""
     n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245
     n01773797 n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148
@@ -889,7 +865,7 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
-            raise UserError(f"{root} does not exist; --data_path must hold train/ and val/")
+            raise UserError(f"{root} is not a folder; --data_path must hold train/ and val/")
         try:
             splits.append(Folder(root, loader=load_image))
         except FileNotFoundError as e:
@@ -927,8 +903,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
                 img, label = self.base[index]
                 break
             except UNREADABLE as e:
-                # Report it, and train on another image drawn from this sample's own generator,
-                # so the replacement too is the same on every run.
+                # Reported; another image from this sample's generator: the same on every run.
                 print(f"patchwise: warning: skipping unreadable image {self.base.samples[index][0]}"
                       f" ({e})", file=sys.stderr)
                 bad += 1
@@ -1030,9 +1005,8 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_dtype=None, log=None,
                      linear=None):
-    """L2-normalised CLS features (N, D) and labels (N,) of an EvalDataset, and with linear =
-    (n_last_blocks, avgpool) the probe's float16 features (N, F) of DINO's eval_linear. Each rank
-    extracts its share; every rank ends with all, in the dataset's order."""
+    """Normalised CLS features (N, D), labels (N,), with linear = (n_last_blocks, avgpool) DINO's
+    probe's float16 features (N, F). Each rank extracts a share; all end with all, in order."""
     world = dist.get_world_size() if _distributed() else 1
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
@@ -1068,10 +1042,9 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
 
 @torch.no_grad()
 def logistic_objective(x, y, W, b, mean, std, l2, chunk=65536):
-    """Mean cross-entropy of softmax(z W^T + b) on z = (x - mean) / std, plus l2 / 2 |W|^2, and
-    its gradient (W (C, F) as nn.Linear's weight, b (C,)), written out. x (N, F) is read a chunk at
-    a time in float32, the standardisation folded into W: a float16 ImageNet set never has a
-    float32 copy. (C, F) because a CPU multiplies x by it twice as fast as by an (F, C)."""
+    """Mean cross-entropy of softmax(z W^T + b), z = (x - mean) / std, plus l2 / 2 |W|^2, and its
+    gradient, written out; W (C, F): a CPU multiplies x by it twice as fast as by an (F, C). x (N,
+    F) is read in float32 chunks, standardised through W: float16 features have no float32 copy."""
     W_x = W / std  # z W^T + b = x W_x^T + b_x
     b_x = b - W_x @ mean
     loss, grad_W, grad_b = x.new_zeros((), dtype=W.dtype), torch.zeros_like(W), torch.zeros_like(b)
@@ -1089,17 +1062,15 @@ def logistic_objective(x, y, W, b, mean, std, l2, chunk=65536):
 
 
 def fit_logistic(x, y, num_classes, l2, mean, std, basis, init=None, max_iter=1000, report=None):
-    """logistic_objective minimised by full-batch L-BFGS (CLIP's linear probes) from init (W, b)
-    or zeros, to a gradient below 1e-6 or max_iter iterations. It moves V, W = V (s + l2)^-1/2 U^T,
-    basis = (s, U) the standardised features' covariance eigenvalues and vectors: a ViT's features
-    are strongly correlated, and in V the same optimum takes several times fewer iterations."""
+    """logistic_objective by full-batch L-BFGS (CLIP's probes) from init (W, b) or zeros, to a
+    gradient below 1e-6 or max_iter iterations, in V, W = V (s + l2)^-1/2 U^T, (s, U) = basis: ViT
+    features are correlated, and in their covariance's eigenbasis it takes far fewer iterations."""
     s, U = basis
     scale = (s + l2).rsqrt()  # (F,)
     W, b = init or (U.new_zeros(num_classes, len(s)), U.new_zeros(num_classes))
     V, b = (W @ U / scale).requires_grad_(), b.clone().requires_grad_()  # L-BFGS reads .grad
-    opt = torch.optim.LBFGS([V, b], lr=1, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-6, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([V, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
     evals = 0
 
     def closure():
@@ -1143,10 +1114,9 @@ def linear_accuracy(x, y, W, b, mean, std):
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, max_iter=1000, l2s=LINEAR_L2,
                  holdout=0.1, max_sweep=100_000, seed=0, log=None):
-    """Linear probe on frozen features (N, F): a logistic regression for each L2 of l2s, strongest
-    first, each from the last, on the training features less a held-out tenth (at most 10,000);
-    these only rank, so each stops after max_iter / 20 iterations. The best on the held-out images
-    is refitted on all training images to convergence: only training images choose."""
+    """Linear probe on frozen features (N, F): for each L2 of l2s, strongest first, each from the
+    last, max_iter / 20 iterations on the training features less a held-out tenth (10,000 at most);
+    the best on those is refitted on all of them to convergence: only training images choose."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_x), generator=gen).to(train_x.device)
     n_held = min(max(1, int(holdout * len(train_x))), 10_000)
@@ -1175,8 +1145,7 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
                       log=print):
     """k-NN for each k in ks and, if linear_iters, the linear probe of a frozen backbone on the
     EvalDatasets (train, val), a log line each. Returns {'knn_top1_k20': .., 'linear_top1': ..}."""
-    # DINO's eval_linear: the CLS of the last 4 blocks up to ViT-S; of the last, with its mean
-    # patch token, for ViT-B
+    # DINO's eval_linear: the CLS of the last 4 blocks up to ViT-S; the last's and its mean patch, B
     protocol = ((1, True) if backbone.embed_dim >= 768 else (4, False)) if linear_iters else None
     (train_f, train_y, train_l), (val_f, val_y, val_l) = (
         extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
@@ -1205,8 +1174,7 @@ ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottl
 
 
 def save_checkpoint(state, path):
-    """Write a temporary file, fsync, rename over the old one: a kill at any moment leaves the old
-    or the new checkpoint whole, never a torn one."""
+    """Temporary file, fsync, rename: a kill at any moment leaves a whole checkpoint, old or new."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -1232,11 +1200,9 @@ def read_weights(path, trust=False):
         words = str(e).lower()
         if trust or "weights_only" not in words and "unsupported global" not in words:
             raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is "
-                            "truncated or not a checkpoint; pass another file (for --resume, an "
-                            "earlier run's output_dir)") from None
-        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's checkpoints "
-                        "keep their args that way); if you trust the file, add "
-                        "--trust_checkpoint") from None
+                            "truncated or not a checkpoint; pass another file") from None
+        raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's keep their "
+                        "args so); if you trust the file, add --trust_checkpoint") from None
 
 
 def check_same_architecture(saved, args, path):
@@ -1263,26 +1229,19 @@ def load_backbone(backbone, state, source, key="teacher"):
     pos, own_pos = state.get("pos_embed"), own["pos_embed"].shape
     if pos is not None and pos.shape != own_pos and pos.shape[-1] == own_pos[-1]:
         state["pos_embed"] = interpolate_pos_embed(pos, [math.isqrt(own_pos[1] - 1)] * 2)
-    problems = [f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} here"
-                for k in own if k in state and state[k].shape != own[k].shape]
-    for label, keys in (("missing", sorted(set(own) - set(state))),
-                        ("unexpected", sorted(set(state) - set(own)))):
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            problems.append(f"{label} {', '.join(keys[:3])}{more}")
-    if problems:
-        raise UserError(f"{source} does not fit this ViT ({len(own)} tensors, dim "
-                        f"{backbone.embed_dim}, patch {backbone.patch_size}): "
-                        f"{'; '.join(problems[:4])}; set --arch, --patch_size and --depth to "
-                        "the file's")
-    backbone.load_state_dict(state, strict=True)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # torch's lines as one, cut short: a misfit may name every key
+        raise UserError(f"{source} does not fit this ViT (dim {backbone.embed_dim}, patch "
+                        f"{backbone.patch_size}): {' '.join(str(e).split())[:400]}; set --arch, "
+                        "--patch_size and --depth to the file's") from None
 
 
 # ---- Training, and --eval_only -------------------------------------------------------------------
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
     """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
-    warmup = np.linspace(start_warmup, base, warmup_epochs * iters_per_epoch)
+    warmup = np.linspace(start_warmup, base, round(min(warmup_epochs, epochs) * iters_per_epoch))
     steps = np.arange(epochs * iters_per_epoch - len(warmup))
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
     return np.concatenate([warmup, cosine])
@@ -1397,9 +1356,7 @@ def prepare_output_dir(path):
     """The checkpoint's path, in a folder made and tried now: not writable fails before training."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise UserError(f"--output_dir {path} is not writable ({e.strerror}); choose another "
                         "folder") from None
@@ -1440,11 +1397,10 @@ def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    states = [state] * (dist.get_world_size() if _distributed() else 1)
     if _distributed():  # drop path draws differ per rank: keep every rank's generator
-        states = [None] * dist.get_world_size()
         dist.all_gather_object(states, state)
-        return states
-    return [state]
+    return states
 
 
 LOG_KEYS = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",  # log
@@ -1472,8 +1428,7 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
         return "constant", (
             f"warning: collapse: the teacher gives every image nearly the same CLS output (entropy "
             f"of the batch mean {entropy_cls[1]:.2f} minus the rows' {entropy_cls[0]:.2f} < 0.05 "
-            f"nats): the image level learns nothing; raise --momentum_teacher towards 0.996, or "
-            f"lower --lr")
+            f"nats): the image level learns nothing; raise --momentum_teacher to 0.996, lower --lr")
     return None
 
 
@@ -1488,13 +1443,43 @@ def stop_if_not_finite(first_bad, model, step, ckpt_path, weights_too=False):
                         "holds the last good state: lower --lr or --teacher_temp, then --resume")
 
 
+# The flags that size a run's memory: checked up front, named in an out-of-memory error's line.
+SIZE_FLAGS = ("batch_size", "n_local", "global_size", "local_size", "patch_size", "arch", "depth",
+              "out_dim", "head_hidden_dim", "bottleneck_dim")
+
+
+def size_flags(args, world):
+    """'--batch_size 512 (64 per process), --n_local 8, ...': the SIZE_FLAGS and their values."""
+    per_process = f" ({args.batch_size // world} per process)" if world > 1 else ""
+    return ", ".join(f"--{k} {(args.depth or 12) if k == 'depth' else getattr(args, k)}" +
+                     (per_process if k == "batch_size" else "") for k in SIZE_FLAGS)
+
+
+def check_memory(args, device, world):
+    """Refuse a training step that can never fit: a lower bound from, per token of an image's views,
+    the activations kept for backward (the head's hidden layers in bf16, its outputs and the blocks'
+    residual stream in float32), and 20 bytes a weight (two models, gradient, AdamW's moments)."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a node's processes share it
+    where, total = (("GPU", torch.cuda.get_device_properties(device).total_memory) if device.type ==
+                    "cuda" else ("host", host // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    p, D, depth = args.patch_size, VIT_SIZES[args.arch][0], args.depth or 12
+    H, Bn, K = args.head_hidden_dim, args.bottleneck_dim, args.out_dim
+    tokens = 2 * ((args.global_size // p) ** 2 + 1)  # the global views', then the locals'
+    tokens += args.n_local * ((args.local_size // p) ** 2 + 1)
+    need = args.batch_size // world * tokens * (2 * 2 * H + 4 * (Bn + K + D * depth))
+    need += 20 * (12 * D * D * depth + D * H + H * H + H * Bn + Bn * K)
+    if need > total:
+        raise UserError(f"a training step needs at least {need // 2 ** 30:,} GiB, more than the "
+                        f"{total / 2 ** 30:.1f} GiB of this {where}: "
+                        f"{size_flags(args, world)}; lower one of them")
+
+
 def build_models(args, device, rank, world):
-    """Student (in DDP) and teacher, equal at the start, and the two modules the step calls,
-    compiled with --compile."""
+    """Student (in DDP), teacher, equal at the start, and the modules the step calls (compiled)."""
     torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student only
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
-    torch.manual_seed(args.seed * 1000 + rank)  # from here on only drop path, per rank
+    torch.manual_seed((args.seed * 1000 + rank) % 2 ** 64)  # from here on drop path, per rank
     if args.pretrained:
         load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint),
                       args.pretrained, args.checkpoint_key)
@@ -1509,8 +1494,7 @@ def build_models(args, device, rank, world):
 
 
 def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world):
-    """Load the checkpoint into models, optimizer, loss and, for the same world size, this rank's
-    random state (bit-exact resume). Returns (epoch, iteration) to go on from."""
+    """Load all, this rank's RNG too for the same world size; returns (epoch, iteration)."""
     if not os.path.exists(ckpt_path):
         raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     ckpt = read_weights(ckpt_path)
@@ -1527,11 +1511,11 @@ def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, 
 
 
 def train(args):
-    """The whole run: data, models, optimiser and schedules, resume, the loop, the end of each
-    epoch. Only the drivers (train, evaluate, main) and their helpers read `args`."""
+    """The whole run. Only the drivers (train, evaluate, main) and their helpers read `args`."""
     rank, world, device, log, amp_dtype = start_run(args)
     local_batch = args.batch_size // world
-    ckpt_path = prepare_output_dir(args.output_dir)
+    args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
+    check_memory(args, device, world)
 
     # Data
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
@@ -1550,9 +1534,10 @@ def train(args):
                         f"{args.batch_size}; lower --batch_size")
     eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
 
-    # Models, optimiser and schedules
+    # Models, optimiser and schedules (args.doing: what an out-of-memory error will name)
     student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
-    loss_fn = PWSelfLoss(args.out_dim, args.epochs, args.warmup_teacher_temp, args.teacher_temp,
+    args.doing = f"building the schedules of --epochs {args.epochs} x {iters} iterations"
+    loss_fn = PWSelfLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
                          loss_weighting=args.loss_weighting).to(device)
     optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
@@ -1577,6 +1562,7 @@ def train(args):
             save_checkpoint(state, ckpt_path)
 
     def evaluation(label, linear):
+        args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
         return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label,
                                  args.knn_k, args.linear_iters if linear else 0, local_batch,
                                  args.num_workers, amp_dtype, args.seed, log)
@@ -1587,12 +1573,13 @@ def train(args):
         f"{len(dataset)} images, {args.epochs} epochs of {iters} iterations, global batch "
         f"{args.batch_size} on {world} process(es), {device.type}")
 
-    # The loop: train_step's outputs summed on the device (no sync), read at log lines and at
-    # the end of the epoch; first_bad is the first step whose loss is not finite
+    # The loop: train_step's outputs summed on the device (no sync), read at log lines and epoch
+    # ends; first_bad: the first step whose loss is not finite
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     results, warned, ln_k = {}, set(), math.log(args.out_dim)
     run_start, first_step = time.time(), start_epoch * iters + start_iter
     for epoch in range(start_epoch, args.epochs):
+        args.doing = "a training step"
         sampler.set_epoch(epoch, start_iter)
         sums = torch.zeros(7, dtype=torch.float64, device=device)  # over the epoch
         window = (sums.clone(), start_iter, time.time())  # the sums, iteration, time it began
@@ -1616,13 +1603,14 @@ def train(args):
                 n, now = it + 1 - window[1], time.time()
                 m = (all_reduce_sum(sums - window[0]) / (world * n)).tolist()  # over the window
                 speed = n * args.batch_size / max(now - window[2], 1e-9)
+                rate = f"{speed:.0f}" if speed >= 1 else f"{speed:.2g}"  # 0.25 img/s, not 0
                 eta = (now - run_start) / (step + 1 - first_step) * (args.epochs * iters - step - 1)
                 window = (sums.clone(), it + 1, now)
                 log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image "
                     f"{m[1]:.5f} patch {m[2]:.5f})  teacher entropy row/mean: cls "
                     f"{m[3]:.2f}/{m[4]:.2f} patch {m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr "
                     f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3f}  mom "
-                    f"{momentum_schedule[step]:.5f}  {speed:.0f} img/s  ETA "
+                    f"{momentum_schedule[step]:.5f}  {rate} img/s  ETA "
                     f"{datetime.timedelta(seconds=int(eta))}", flush=True)
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
                 stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path, weights_too=True)
@@ -1639,9 +1627,8 @@ def train(args):
         bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
         seen = (iters - start_iter) * args.batch_size
         if bad_images > args.max_bad_images * seen:
-            raise UserError(f"{bad_images} of {seen} images read in epoch {epoch + 1} were "
-                            f"unreadable, more than --max_bad_images {args.max_bad_images}; fix or "
-                            "remove the files named in the warnings above, or raise that flag")
+            raise UserError(f"{bad_images} of {seen} images in epoch {epoch + 1} were unreadable, "
+                            f"over --max_bad_images {args.max_bad_images}: fix those named above")
         start_iter = 0
         save(epoch + 1, 0)
         stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
@@ -1663,19 +1650,21 @@ def evaluate(args):
     backbone, path = backbone_from_args(args, "--eval_only")
     train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
                                                        args.synthetic_size)
+    args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
     return evaluate_backbone(backbone.to(device), EvalDataset(train_base, args.global_size),
                              EvalDataset(val_base, args.global_size), num_classes, device,
                              f"teacher in {path}", args.knn_k, args.linear_iters,
-                             max(1, args.batch_size // world), args.num_workers, amp_dtype,
-                             args.seed, log)
+                             args.batch_size // world, args.num_workers, amp_dtype, args.seed, log)
 
 
 # ---- Main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
+    args = None
     try:
         args = resolve_args(argv)
         check_args(args)
+        args.doing, args.checkpoint = "building the model", None
         result = evaluate(args) if args.eval_only else train(args)
         if _distributed():  # no rank tears its gloo/NCCL connections down while another uses them
             dist.barrier()
@@ -1683,6 +1672,17 @@ def main(argv=None):
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"patchwise: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # out of memory, anywhere: one line, on the rank it happened on
+        if args is None or not (isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError))
+                                or "DefaultCPUAllocator" in str(e)):
+            raise
+        where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
+        saved = f"--resume goes on from {args.checkpoint}" if args.checkpoint and os.path.exists(
+            args.checkpoint) else "nothing was saved"
+        print(f"patchwise: error: out of {where} memory during {args.doing} ("
+              f"{size_flags(args, int(os.environ.get('WORLD_SIZE', 1)))}); lower one of them; "
+              f"{saved}", file=sys.stderr)
         sys.exit(2)
     finally:
         if _distributed():
@@ -1692,9 +1692,8 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Even after a clean destroy_process_group, torch's C++ teardown at exit now and then aborts
-        # a rank ("terminate called without an active exception", about 1 run in 25 on gloo),
-        # failing a finished run. All is written: leave without that teardown.
+        # After a clean destroy_process_group, torch's teardown at exit aborts a rank 1 run in 25 on
+        # gloo ("terminate called without an active exception"). All is written: skip it.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -138,6 +138,8 @@ def main(argv=None):
         tool, rest = p.parse_known_args(argv)
         args = pw.resolve_args(rest)
         pw.check_args(args)
+        for flag in ("show_matching", "show_attention", "out", "export_backbone"):  # all files
+            pw.check_path(f"--{flag}", getattr(tool, flag), folder=False)
         if tool.export_backbone:
             backbone, path = pw.backbone_from_args(args, "--export_backbone")
             torch.save(backbone.state_dict(), tool.export_backbone)

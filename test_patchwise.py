@@ -325,7 +325,7 @@ def test_loss_without_patch_term_is_the_dino_loss():
     B, K, V = 4, 32, 5
     student = [torch.randn(B, 1 + (9 if v < 2 else 4), K) for v in range(V)]
     teacher = [torch.randn(B, 10, K) for _ in range(2)]
-    loss_fn = pw.PWSelfLoss(K, epochs=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
+    loss_fn = pw.PWSelfLoss(K, warmup_teacher_temp=0.04, teacher_temp=0.07,
                             warmup_teacher_temp_epochs=5, patch_loss_weight=0.0)
     loss_fn.center_cls.normal_()
     center = loss_fn.center_cls.clone()
@@ -353,7 +353,7 @@ def test_patch_loss_is_the_mean_over_valid_matched_patches():
     student = [torch.randn(B, 1 + n, K) for n in sizes]
     teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
     matches = _random_matches(B, sizes, n_t)
-    loss_fn = pw.PWSelfLoss(K, epochs=1, patch_loss_weight=0.5)
+    loss_fn = pw.PWSelfLoss(K, patch_loss_weight=0.5)
     loss_fn.center_patch.normal_()
     cp = loss_fn.center_patch.clone().double()
     total, image, patch = loss_fn(student, teacher, matches, epoch=0)
@@ -377,7 +377,7 @@ def test_token_mean_weighting_matches_its_definition_on_a_tiny_example():
     student = [torch.randn(B, 1 + n, K) for n in sizes]
     teacher = [torch.randn(B, 1 + n_t, K) for _ in range(2)]
     matches = _random_matches(B, sizes, n_t, seed=5)
-    loss_fn = pw.PWSelfLoss(K, epochs=1, loss_weighting="token_mean")
+    loss_fn = pw.PWSelfLoss(K, loss_weighting="token_mean")
     total, _, _ = loss_fn(student, teacher, matches, epoch=0)
 
     def ce(t, s):
@@ -399,7 +399,7 @@ def test_no_valid_patch_gives_finite_loss_and_zero_patch_part():
     matches = {(i, v): (torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, 4, dtype=torch.bool))
                for i in range(2) for v in range(4) if v != i}
     for weighting in ("sum", "token_mean"):
-        total, image, patch = pw.PWSelfLoss(K, epochs=1, loss_weighting=weighting)(
+        total, image, patch = pw.PWSelfLoss(K, loss_weighting=weighting)(
             student, teacher, matches, 0)
         assert torch.isfinite(total) and patch.item() == 0.0 and total.item() == image.item()
 
@@ -453,7 +453,7 @@ def test_loss_on_real_geometry_is_its_definition_in_every_weighting():
         assert 0 < valid.float().mean() < 1  # some matches fall outside the teacher view
         student = [torch.randn(B, 1 + (s // patch) ** 2, K, generator=g) for s in sizes]
         teacher = [torch.randn(B, 1 + 16, K, generator=g) for _ in range(G)]
-        loss_fn = pw.PWSelfLoss(K, epochs=4, warmup_teacher_temp=0.03, teacher_temp=0.05, warmup_teacher_temp_epochs=3,
+        loss_fn = pw.PWSelfLoss(K, warmup_teacher_temp=0.03, teacher_temp=0.05, warmup_teacher_temp_epochs=3,
                                 patch_loss_weight=weight, loss_weighting=weighting)
         cc, cp = torch.linspace(-1, 1, K), torch.linspace(1, -1, K)
         loss_fn.center_cls.copy_(cc)
@@ -471,7 +471,7 @@ def test_gradients_reach_the_student_only_and_centres_follow_their_ema():
     student = [torch.randn(B, 5, K, requires_grad=True) for _ in range(3)]
     teacher = [torch.randn(B, 5, K, requires_grad=True) for _ in range(2)]
     matches = _random_matches(B, [4, 4, 4], 4)
-    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn = pw.PWSelfLoss(K)
     loss_fn.center_cls.fill_(0.5)
     loss_fn.center_patch.fill_(-0.5)
     total, _, _ = loss_fn(student, teacher, matches, 0)
@@ -542,7 +542,7 @@ def test_collapse_warnings_fire_on_collapsed_runs_and_not_on_a_healthy_one(tmp_p
     # sharpening without centring: every image's teacher output peaks on one dimension, as the loss
     # sees it when the centre has not caught up (DINO, fig. 7)
     B, K, V = 8, 64, 4
-    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn = pw.PWSelfLoss(K)
     peak = torch.zeros(K)
     peak[3] = 1.0
     teacher = [peak + 0.01 * torch.randn(B, 5, K) for _ in range(2)]
@@ -554,7 +554,7 @@ def test_collapse_warnings_fire_on_collapsed_runs_and_not_on_a_healthy_one(tmp_p
     assert kind == "one dimension" and "--teacher_temp" in line
     # a teacher that follows the student too fast: every image gets the same output, neither
     # uniform nor on one dimension (measured on grayscale digits with --momentum_teacher 0.9)
-    loss_fn = pw.PWSelfLoss(K, epochs=1)
+    loss_fn = pw.PWSelfLoss(K)
     shared = 0.1 * torch.randn(K)
     teacher = [shared + 0.001 * torch.randn(B, 5, K) for _ in range(2)]
     image = loss_fn(student, teacher, _random_matches(B, [4] * V, 4), 0)[1]
@@ -1238,9 +1238,13 @@ def test_weights_round_trip_through_export_and_every_layout_we_read(tmp_path):
     b = pw.main(TINY + ["--output_dir", str(tmp_path / "none"), "--eval_only", "--pretrained", str(exported)])
     assert a == b
 
-    # another architecture: the message names the mismatched shapes
-    with pytest.raises(pw.UserError, match=r"cls_token is \(1, 1, 192\) in the file but \(1, 1, 384\) here"):
+    # another architecture, another depth: one line names the mismatched shapes and the missing keys
+    with pytest.raises(pw.UserError, match=r"size mismatch for cls_token: .*\[1, 1, 192\].*\[1, 1, 384\]") as e:
         pw.load_backbone(pw.vit_small(patch_size=8, depth=1, img_size=32), bare, "backbone.pth")
+    assert "\n" not in str(e.value) and "--arch" in str(e.value)
+    with pytest.raises(pw.UserError, match=r"Missing key\(s\) in state_dict: .*blocks\.1\.") as e:
+        pw.load_backbone(pw.vit_tiny(patch_size=8, depth=2, img_size=32), bare, "backbone.pth")
+    assert "\n" not in str(e.value) and "--depth" in str(e.value)
 
 
 def test_compiled_step_gives_the_eager_losses():
@@ -1254,7 +1258,7 @@ def test_compiled_step_gives_the_eager_losses():
         teacher = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
         teacher.load_state_dict(student.state_dict())
         teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(64, 1)
+        loss_fn = pw.PWSelfLoss(64)
         opt = torch.optim.AdamW(pw.param_groups(student))
         s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
         try:
@@ -1265,3 +1269,95 @@ def test_compiled_step_gives_the_eager_losses():
                 pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
             raise
     assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) < 1e-5, losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes that cannot fit, memory that runs out, the last bad inputs, what the log says
+# ------------------------------------------------------------------------------------------------
+
+def test_sizes_that_could_never_fit_are_refused_up_front_in_one_line(capsys, tmp_path):
+    out = ["--output_dir", str(tmp_path)]
+    for argv, words in (
+            (["--out_dim", str(2 ** 24)], "--out_dim 16777216"), (["--n_local", "100000"], "--n_local 100000"),
+            (["--depth", "1000000"], "--depth 1000000"), (["--head_hidden_dim", "1000000"], "--head_hidden_dim 1000000"),
+            (["--batch_size", str(10 ** 12)], f"--batch_size {10 ** 12}"), (["--global_size", "65536"], "--global_size 65536"),
+            (["--out_dim", str(10 ** 30)], "out of range"), (["--global_size", str(10 ** 12)], "out of range"),
+            (["--synthetic_size", "1000000", "10"], "out of range"), (["--seed", str(2 ** 64)], "64 bits"),
+            (["--depth", str(10 ** 400)], "a training step needs"), (["--epochs", str(10 ** 400)], "out of range")):
+        with pytest.raises(SystemExit) as stop:
+            pw.main(argv + out)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], (argv, lines)
+        if "needs" in lines[0]:  # what it needs, against what the machine has, and every flag that sizes it
+            assert "GiB, more than the" in lines[0] and "--batch_size " in lines[0] and "--out_dim" in lines[0]
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_running_out_of_memory_ends_in_one_line_naming_the_stage_its_sizes_and_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step = pw.train_step
+    calls = []
+
+    def step_then_oom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 6:  # the second epoch (6 iterations an epoch): a checkpoint is saved
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(pw, "train_step", step_then_oom)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        pw.main(TINY + ["--epochs", "2", "--no_initial_knn", "--output_dir", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    for words in ("out of GPU memory during a training step", "--batch_size 16", "--n_local 2", "--global_size 32",
+                  "--out_dim 64", "--head_hidden_dim 32", f"--resume goes on from {out / 'checkpoint.pth'}"):
+        assert words in lines[0], (words, lines[0])
+    monkeypatch.setattr(pw, "train_step", real_step)
+
+    def no_memory(*args, **kwargs):  # the host's allocator, as torch words it
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    for where, words in (("extract_features", "out of host memory during the teacher's evaluation"),
+                         ("build_encoder", "out of host memory during building the model")):
+        monkeypatch.setattr(pw, where, no_memory)
+        with pytest.raises(SystemExit):
+            pw.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path / where)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and "nothing was saved" in lines[0], lines
+        monkeypatch.undo()
+    # any other error is not called a memory error
+    monkeypatch.setattr(pw, "train_step", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", str(tmp_path / "other")])
+
+
+def test_paths_of_the_wrong_kind_are_named_for_every_path_flag(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    for script, argv, words in (
+            ("patchwise.py", ["--data", "folder", "--data_path", str(a_file)], f"--data_path {a_file} is a file"),
+            ("patchwise.py", ["--data", "cifar10", "--data_path", str(a_file)], f"--data_path {a_file} is a file"),
+            ("patchwise.py", ["--output_dir", str(a_file)], f"--output_dir {a_file} is a file; it takes a folder"),
+            ("patchwise.py", ["--pretrained", str(tmp_path)], f"--pretrained {tmp_path} is a folder; it takes a file"),
+            ("patchwise_tools.py", ["--show_matching", str(tmp_path), "--out", "x.png"], "--show_matching"),
+            ("patchwise_tools.py", ["--show_attention", str(a_file), "--out", str(tmp_path)], "--out"),
+            ("patchwise_tools.py", ["--export_backbone", str(tmp_path)], "is a folder; it takes a file")):
+        _assert_one_line_error(_run([script] + argv, timeout=120), words)
+
+
+def test_the_log_says_the_recipe_that_runs_and_a_slow_rate(tmp_path, monkeypatch, capsys):
+    _write_image_folder(tmp_path / "small", n_per_class=25, sizes=((30, 26),))
+    args = pw.resolve_args(["--data", "folder", "--data_path", str(tmp_path / "small"), "--epochs", "80",
+                            "--global_size", "48"])
+    assert "80 epochs of 50 images, about 4000 samples" in args.notes[0] and "at 48/16 px" in args.notes[0]
+    # the preset's warm-up is scaled to a run shorter than it (and said so); the user's is kept
+    args = pw.resolve_args(["--data", "in100", "--epochs", "2"])
+    assert args.warmup_epochs == 0.2 and any("warm-up scaled to a tenth of the run" in n for n in args.notes)
+    args = pw.resolve_args(["--data", "in100", "--epochs", "2", "--warmup_epochs", "5"])
+    assert args.warmup_epochs == 5 and not any("warm-up" in note for note in args.notes)
+    assert pw.resolve_args(["--data", "in100", "--epochs", "20"]).warmup_epochs == 10
+    # a machine slower than an image a second says how slow, not "0 img/s"
+    clock = iter(range(0, 10 ** 7, 100))  # every reading of the clock 100 s after the last
+    monkeypatch.setattr(pw.time, "time", lambda: next(clock))
+    pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--linear_iters", "0", "--output_dir", str(tmp_path / "run")])
+    import re
+    rates = re.findall(r"  (\S+) img/s", capsys.readouterr().out)
+    assert rates and all(0 < float(r) < 1 for r in rates), rates

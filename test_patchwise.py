@@ -1272,6 +1272,143 @@ def test_compiled_step_gives_the_eager_losses():
 
 
 # ------------------------------------------------------------------------------------------------
+# The first hour on a GPU node, rehearsed on the CPU: each runs.sh experiment at its preset's real
+# geometry and model, a few iterations on a stand-in of its data; bf16; two nodes
+# ------------------------------------------------------------------------------------------------
+
+def _jpegs(folder, n, seed):
+    """n JPEGs of assorted sizes and modes, as ImageNet's are."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        w, h = ((500, 375), (320, 480), (1024, 683), (160, 90))[(seed + i) % 4]
+        img = _photo(w, h, seed * 7 + i)
+        (img.convert("L") if (seed + i) % 5 == 0 else img).save(os.path.join(folder, f"{i}.JPEG"), quality=85)
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    """An ImageNet-1K root: the 100 CMC classes among others, a train and a val image each."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for c, name in enumerate(list(pw.IMAGENET100_CLASSES) + ["n01440764", "n01443537", "n15075141"]):
+        for split in ("train", "val"):
+            _jpegs(root / split / name, 1, c)
+    return root
+
+
+def _few_training_images(monkeypatch, n):
+    """A few iterations of a preset: its training split cut to n images spread over its classes."""
+    real = pw.build_datasets
+
+    def few(*args, **kwargs):
+        train, val, num_classes = real(*args, **kwargs)
+        return torch.utils.data.Subset(train, range(0, len(train), len(train) // n)[:n]), val, num_classes
+    monkeypatch.setattr(pw, "build_datasets", few)
+
+
+def _rehearse(argv, out, geometry):
+    """Run the preset with a batch of 2 (the rest untouched), evaluate, and check what ran."""
+    results = pw.main(argv + ["--batch_size", "2", "--epochs", "1", "--no_initial_knn", "--output_dir", str(out)])
+    log = json.loads(open(out / "log.txt").read())
+    assert math.isfinite(log["train_loss"]) and log["train_loss_patch"] > 0
+    assert math.isfinite(results["knn_top1_k20"]) and 0 <= results["linear_top1"] <= 100
+    args = torch.load(out / "checkpoint.pth", weights_only=True)["args"]
+    assert tuple(args[k] for k in ("arch", "patch_size", "global_size", "local_size", "n_local", "out_dim")) == geometry
+    return args
+
+
+VIT_S16 = ("vit_small", 16, 224, 96, 8, 8192)
+
+
+@pytest.mark.parametrize("data", ["in100", "in1k"])
+def test_imagenet_presets_train_and_evaluate_at_their_real_geometry(data, imagenet_root, tmp_path, monkeypatch, capsys):
+    _few_training_images(monkeypatch, 4)
+    args = _rehearse(["--data", data, "--data_path", str(imagenet_root)], tmp_path, VIT_S16)
+    said = capsys.readouterr().out
+    assert (data == "in100") == ("the 100 CMC classes of the 103" in said)
+    # the preset's 10 warm-up epochs do not fit a 1-epoch run: scaled, and said so
+    assert args["warmup_epochs"] == 0.1 and "warm-up scaled to a tenth of the run" in said
+
+
+def test_cifar10_preset_trains_through_torchvisions_loader(tmp_path, monkeypatch):
+    import pickle
+    import torchvision.datasets.cifar as cifar
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 10)]:
+        with open(folder / name, "wb") as f:  # CIFAR-10's python layout: rows of 3 x 32 x 32 bytes
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         "labels": list(rng.integers(0, 10, n))}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class {i}" for i in range(10)]}, f)
+    # the real files' checksums are fixed: these stand-ins pass torchvision's check by existing
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    _rehearse(["--data", "cifar10", "--data_path", str(tmp_path / "cifar10"), "--download"], tmp_path / "out",
+              ("vit_small", 4, 32, 16, 8, 4096))
+
+
+def test_a_folder_of_large_photos_gets_the_imagenet_recipe_and_trains(tmp_path):
+    for split in ("train", "val"):
+        for c in range(3):
+            _jpegs(tmp_path / "photos" / split / f"class{c}", 2, c)
+    _rehearse(["--data", "folder", "--data_path", str(tmp_path / "photos")], tmp_path / "out", VIT_S16)
+
+
+def test_a_bf16_autocast_step_stays_finite_and_close_to_float32():
+    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(8, 2))
+    ds = pw.MultiViewDataset(train, 0, 32, 16, 2, 8)
+    batches = [torch.utils.data.default_collate([ds[(epoch, i)] for i in range(8)]) for epoch in range(2)]
+    got = {}
+    for amp in (None, torch.bfloat16):  # the CPU's bf16 autocast standing in for CUDA's
+        torch.manual_seed(0)
+        student = pw.build_encoder("vit_tiny", 8, 256, 0.0, 2, 32, 64, 32)
+        teacher = pw.build_encoder("vit_tiny", 8, 256, 0.0, 2, 32, 64, 32)
+        teacher.load_state_dict(student.state_dict())
+        teacher.requires_grad_(False)
+        loss_fn = pw.PWSelfLoss(256)
+        opt = torch.optim.AdamW(pw.param_groups(student))
+        out = torch.stack([pw.train_step(student, teacher, loss_fn, opt, b, epoch=0, lr=1e-3, wd=0.04,
+                                         momentum=0.9, patch_size=8, amp_dtype=amp) for b in batches])
+        got[amp] = (out, loss_fn.center_cls.clone(), loss_fn.center_patch.clone())
+    (f32, c32, p32), (bf, cbf, pbf) = got[None], got[torch.bfloat16]
+    assert all(t.isfinite().all() for t in (bf, cbf, pbf))
+    # loss and entropies (nats, ln 256 = 5.5) to bf16's precision; centres to a small part of their size
+    assert (bf - f32).abs().max() < 0.05, (bf, f32)
+    for a, b in ((cbf, c32), (pbf, p32)):
+        assert (a - b).norm() < 0.05 * b.norm(), ((a - b).norm(), b.norm())
+
+
+def test_runs_sh_two_node_launch_gives_the_teacher_of_one_process(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launch = {}
+    for rank in (0, 1):  # runs.sh's own launch line for NNODES=2, one process per node
+        env = {**os.environ, "NNODES": "2", "NGPUS": "1", "NODE_RANK": str(rank), "RDZV_ENDPOINT": f"localhost:{port}"}
+        line = subprocess.run(["bash", "runs.sh", "--dry-run", "cifar10"], cwd=HERE, env=env, capture_output=True,
+                              text=True, check=True).stdout.splitlines()[0]
+        words = line.split()
+        assert words[0] == "torchrun" and "--rdzv_backend=c10d" in words
+        launch[rank] = [sys.executable, "-m", "torch.distributed.run"] + words[1:words.index("patchwise.py") + 1]
+    run = TINY + ["--synthetic_size", "64", "20", "--epochs", "1", "--log_every", "1", "--no_initial_knn",
+                  "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launch[r] + run + ["--output_dir", str(tmp_path / "two")], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert "on 2 process(es)" in outs[0][0]
+    one = _run(["patchwise.py"] + run + ["--output_dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert len(_losses(outs[0][0])) == len(_losses(one.stdout)) == 4
+    t1, t2 = _states(tmp_path / "one" / "checkpoint.pth"), _states(tmp_path / "two" / "checkpoint.pth")
+    for k in t1:
+        if k.startswith("teacher."):
+            assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+
+
+# ------------------------------------------------------------------------------------------------
 # Sizes that cannot fit, memory that runs out, the last bad inputs, what the log says
 # ------------------------------------------------------------------------------------------------
 

@@ -1247,19 +1247,27 @@ def test_weights_round_trip_through_export_and_every_layout_we_read(tmp_path):
     assert "\n" not in str(e.value) and "--depth" in str(e.value)
 
 
-def test_compiled_step_gives_the_eager_losses():
+def _synthetic_batches(n):
+    """n batches of 8 demo images (32/16 px views, 2 locals, patch 8), one epoch's draws each."""
     train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(8, 2))
     ds = pw.MultiViewDataset(train, 0, 32, 16, 2, 8)
-    batches = [torch.utils.data.default_collate([ds[(epoch, i)] for i in range(8)]) for epoch in range(3)]
-    losses = []
+    return [torch.utils.data.default_collate([ds[(epoch, i)] for i in range(8)]) for epoch in range(n)]
+
+
+def _tiny_models(K, depth, hidden, bottleneck):
+    """A seeded ViT-tiny/8 student, its equal teacher, PWSelfLoss and AdamW, as train builds them."""
+    torch.manual_seed(0)
+    student = pw.build_encoder("vit_tiny", 8, K, 0.0, depth, 32, hidden, bottleneck)
+    teacher = pw.build_encoder("vit_tiny", 8, K, 0.0, depth, 32, hidden, bottleneck)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher, pw.PWSelfLoss(K), torch.optim.AdamW(pw.param_groups(student))
+
+
+def test_compiled_step_gives_the_eager_losses():
+    batches, losses = _synthetic_batches(3), []
     for compile_ in (False, True):
-        torch.manual_seed(0)
-        student = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
-        teacher = pw.build_encoder("vit_tiny", 8, 64, 0.0, 1, 32, 32, 16)
-        teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(64)
-        opt = torch.optim.AdamW(pw.param_groups(student))
+        student, teacher, loss_fn, opt = _tiny_models(64, 1, 32, 16)
         s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
         try:
             losses.append([pw.train_step(s, t, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9,
@@ -1355,18 +1363,9 @@ def test_a_folder_of_large_photos_gets_the_imagenet_recipe_and_trains(tmp_path):
 
 
 def test_a_bf16_autocast_step_stays_finite_and_close_to_float32():
-    train, _, _ = pw.build_datasets("synthetic", "", synthetic_size=(8, 2))
-    ds = pw.MultiViewDataset(train, 0, 32, 16, 2, 8)
-    batches = [torch.utils.data.default_collate([ds[(epoch, i)] for i in range(8)]) for epoch in range(2)]
-    got = {}
+    batches, got = _synthetic_batches(2), {}
     for amp in (None, torch.bfloat16):  # the CPU's bf16 autocast standing in for CUDA's
-        torch.manual_seed(0)
-        student = pw.build_encoder("vit_tiny", 8, 256, 0.0, 2, 32, 64, 32)
-        teacher = pw.build_encoder("vit_tiny", 8, 256, 0.0, 2, 32, 64, 32)
-        teacher.load_state_dict(student.state_dict())
-        teacher.requires_grad_(False)
-        loss_fn = pw.PWSelfLoss(256)
-        opt = torch.optim.AdamW(pw.param_groups(student))
+        student, teacher, loss_fn, opt = _tiny_models(256, 2, 64, 32)
         out = torch.stack([pw.train_step(student, teacher, loss_fn, opt, b, epoch=0, lr=1e-3, wd=0.04,
                                          momentum=0.9, patch_size=8, amp_dtype=amp) for b in batches])
         got[amp] = (out, loss_fn.center_cls.clone(), loss_fn.center_patch.clone())

@@ -1026,6 +1026,14 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_whole(tmp_path):
     assert state["iteration"] == 2 and state["epoch"] == 0
 
 
+def _assert_same_teacher(a, b):
+    """The teachers of two checkpoints agree to 1e-5 of each tensor's scale."""
+    t1, t2 = _states(a), _states(b)
+    for k in t1:
+        if k.startswith("teacher."):
+            assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+
+
 def _losses(stdout):
     import re
     return [float(m) for m in re.findall(r"it \d+/\d+  loss ([0-9.]+)", stdout)]
@@ -1041,10 +1049,7 @@ def test_one_and_two_processes_give_the_same_losses_and_teacher(tmp_path):
     l1, l2 = _losses(one.stdout), _losses(two.stdout)
     assert len(l1) == len(l2) == 20
     assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) < 1e-5 + 5e-6 / min(l1)  # printed to 5 decimals
-    t1, t2 = _states(tmp_path / "one" / "checkpoint.pth"), _states(tmp_path / "two" / "checkpoint.pth")
-    for k in t1:
-        if k.startswith("teacher."):
-            assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+    _assert_same_teacher(tmp_path / "one" / "checkpoint.pth", tmp_path / "two" / "checkpoint.pth")
     # the evaluation of one teacher does not depend on the number of processes that extract its features
     again = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "patchwise.py"] + run +
                  ["--output_dir", str(tmp_path / "one"), "--eval_only"])
@@ -1401,10 +1406,7 @@ def test_runs_sh_two_node_launch_gives_the_teacher_of_one_process(tmp_path):
     one = _run(["patchwise.py"] + run + ["--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
     assert len(_losses(outs[0][0])) == len(_losses(one.stdout)) == 4
-    t1, t2 = _states(tmp_path / "one" / "checkpoint.pth"), _states(tmp_path / "two" / "checkpoint.pth")
-    for k in t1:
-        if k.startswith("teacher."):
-            assert (t1[k] - t2[k]).abs().max() <= 1e-5 * max(t1[k].abs().max().item(), 1.0), k
+    _assert_same_teacher(tmp_path / "one" / "checkpoint.pth", tmp_path / "two" / "checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -66,8 +66,7 @@ PRESETS = {
     "cifar10": dict(patch_size=4, global_size=32, local_size=16, blur_sigma=(0.0, 0.0),
                     out_dim=4096, epochs=300, knn_every=20, num_workers=8),
     # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
-    "in100": dict(epochs=300, knn_every=20),
-    "in1k": dict(), "folder": dict(knn_every=10),
+    "in100": dict(epochs=300, knn_every=20), "in1k": dict(), "folder": dict(knn_every=10),
 }
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 # The linear probe's L2 strengths (penalty l2 / 2 |W|^2 on standardised features), strongest first.
@@ -1440,7 +1439,8 @@ def stop_if_not_finite(first_bad, model, step, ckpt_path, weights_too=False):
         bad, what = step, "weights"
     if bad >= 0:
         raise UserError(f"the {what} became non-finite at iteration {bad} of the run; {ckpt_path} "
-                        "holds the last good state: lower --lr or --teacher_temp, then --resume")
+                        "holds the last good state: lower --lr, --min_lr, --weight_decay(_end) or "
+                        "--teacher_temp (whichever you raised), then --resume")
 
 
 # The flags that size a run's memory: checked up front, named in an out-of-memory error's line.
@@ -1609,7 +1609,7 @@ def train(args):
                 log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image "
                     f"{m[1]:.5f} patch {m[2]:.5f})  teacher entropy row/mean: cls "
                     f"{m[3]:.2f}/{m[4]:.2f} patch {m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr "
-                    f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3f}  mom "
+                    f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3g}  mom "
                     f"{momentum_schedule[step]:.5f}  {rate} img/s  ETA "
                     f"{datetime.timedelta(seconds=int(eta))}", flush=True)
             if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:

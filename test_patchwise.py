@@ -1067,6 +1067,8 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_a_good_checkpoint(tm
     r = _run(["patchwise.py"] + TINY + ["--epochs", "2", "--lr", "1e35", "--warmup_epochs", "1", "--ckpt_every",
                                         "1", "--log_every", "1", "--no_initial_knn", "--output_dir", str(tmp_path)])
     assert r.returncode == 2 and "non-finite at iteration 2 " in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the line names every flag that sets the step's size: a huge --min_lr or weight decay also ends here
+    assert all(f in r.stderr for f in ("--lr,", "--min_lr,", "--weight_decay(_end)", "--teacher_temp")), r.stderr
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["iteration"] == 2
     assert all(t.isfinite().all() for t in _states(tmp_path / "checkpoint.pth").values())
 

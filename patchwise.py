@@ -4,9 +4,10 @@
 PW-Self (Javidani, Sadeghi, Araabi, arXiv 2310.18651) is DINO plus a patch level: every patch of a
 view is colour-augmented on its own, the patches of two views that show the same part of the image
 are found from the crop geometry alone, and the teacher's output for a patch becomes the target of
-the student's output for the matching patch. Read top to bottom: configuration, model,
-augmentation, matching, loss, data, evaluation, weights, training, main; each piece takes tensors
-and plain values, so it copies alone into another project. Pictures, export: patchwise_tools.py.
+the student's output for the matching patch. Read top to bottom: the recipe, then the method in
+the order it runs (model, augmentation, matching, loss, the training step), then data, evaluation,
+weights, the run, and the command line with main; each piece takes tensors and plain values, so it
+copies alone into another project. Pictures, export: patchwise_tools.py.
 
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet
@@ -16,6 +17,7 @@ teacher's k-NN top-1 from 47.9% to 60.9% and its linear probe from 63.8% to 75.8
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import functools
 import json
@@ -33,17 +35,18 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-# ---- Configuration -------------------------------------------------------------------------------
+
+# ---- The recipe ----------------------------------------------------------------------------------
 # Each --data value selects a preset; any flag given on the command line overrides it. Flags not
 # in a preset take DEFAULTS, which are DINO's (main_dino.py) unless a comment says otherwise.
 DEFAULTS = dict(
     arch="vit_small", patch_size=16,  # DINO's ViT-S/16, whose ImageNet numbers are the reference
     depth=None, drop_path=0.1,  # None: the architecture's 12 blocks; DINO's drop path for ViT-S
-    out_dim=8192,  # K; iBOT's size for a head shared by CLS and patch tokens (METHOD section 3)
+    out_dim=8192,  # K; iBOT's for a head shared by CLS and patches (DINO's 65536 doubles the step)
     head_hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,  # DINO's head, norm frozen
     global_size=224, local_size=96, n_local=8,  # DINO's 2 global, 8 local views (100-epoch ViT-S)
     global_scale=(0.4, 1.0), local_scale=(0.05, 0.4),  # DINO's RandomResizedCrop areas
-    blur_sigma=(0.1, 2.0),  # DINO's (torchvision's) Gaussian blur, set for 224 px views
+    blur_sigma=(0.1, 2.0),  # DINO's blur radius (PIL's GaussianBlur, a sigma), for 224 px views
     batch_size=512,  # global, over all ranks; DINO's ViT-S/16 runs used 1024 on 16 GPUs
     epochs=100, lr=5e-4,  # DINO's shortest ViT-S schedule; lr per 256 images, scaled with the batch
     min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,  # DINO's cosines
@@ -65,7 +68,7 @@ PRESETS = {
     # blur: DINO's was set for 224 px views, SimCLR's CIFAR-10 recipe drops it, the demo gains 2.3.
     "cifar10": dict(patch_size=4, global_size=32, local_size=16, blur_sigma=(0.0, 0.0),
                     out_dim=4096, epochs=300, knn_every=20, num_workers=8),
-    # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (METHOD section 3).
+    # ImageNet presets keep DINO's ViT-S/16 recipe, with K = 8192 (see out_dim).
     "in100": dict(epochs=300, knn_every=20), "in1k": dict(), "folder": dict(knn_every=10),
 }
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
@@ -74,236 +77,6 @@ LINEAR_L2 = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 # --data folder: a median side up to SMALL_SIDE px gets the demo's model for CPU_SAMPLES samples on
 # a CPU (6 min on 2 cores; digits: 6-8 k-NN points over 20,000), 10x on a GPU; larger: ImageNet's.
 SMALL_SIDE, CPU_SAMPLES = 64, 32_000
-
-
-def folder_preset(data_path, cuda):
-    """PRESETS['folder'], or the demo's sized to the set for small images; its log line(args)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
-    root = os.path.join(data_path, "train")
-    classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
-
-    def images(folder):
-        return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
-                      if f.lower().endswith(IMG_EXTENSIONS))
-    sides = []
-    for folder in classes[::max(1, len(classes) // 16)][:16]:  # a few headers from a few classes
-        for path in images(folder)[:2]:
-            try:
-                with Image.open(path) as img:
-                    sides.append(min(img.size))
-            except (OSError, ValueError, SyntaxError):
-                pass
-    side = sorted(sides)[len(sides) // 2] if sides else None
-    run = lambda a: f"{a.arch}/{a.patch_size} at {a.global_size}/{a.local_size} px"  # noqa: E731
-    if side is None or side > SMALL_SIDE:
-        return PRESETS["folder"], lambda a: f"ImageNet recipe for --data folder: {run(a)}"
-    samples = CPU_SAMPLES * (10 if cuda else 1)  # a GPU trains ten times longer in the same minutes
-    n = sum(len(images(folder)) for folder in classes)  # small images: a small count to make
-    preset = {**PRESETS["synthetic"], "knn_every": 0, "epochs": max(1, round(samples / n)),
-              "num_workers": 8 if cuda else 0}
-    return preset, lambda a: (f"small-image recipe for --data folder (median side {side} px <= "
-                              f"{SMALL_SIDE}): {run(a)}, {a.epochs} epochs of {n} images, about "
-                              f"{a.epochs * n} samples, on the {'GPU' if cuda else 'CPU'}")
-
-
-class UserError(Exception):
-    """A mistake in the command line or the data: main prints its one-line message, no traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through main, as for every other user mistake
-        raise UserError(f"{message}; see --help")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the real default of a flag of DEFAULTS and each preset's value that differs."""
-
-    def _get_help_string(self, action):
-        if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
-            return action.help if action.default is None else super()._get_help_string(action)
-        show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
-        value = DEFAULTS[action.dest]
-        value = "12, the architecture's own" if value is None else value  # --depth
-        presets = [f"{name} {show(p[action.dest])}" for name, p in PRESETS.items()
-                   if p.get(action.dest, value) != value]
-        text = f"default: {show(value)}" + (f"; presets: {', '.join(presets)}" if presets else "")
-        return f"{action.help} ({text})".replace("%", "%%")
-
-
-def _bool(s):
-    if s.lower() not in ("1", "true", "yes", "0", "false", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("1", "true", "yes")
-
-
-def build_parser():
-    p = Parser(description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patches).",
-               formatter_class=HelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default="synthetic", choices=list(PRESETS),
-                   help="Dataset and preset: synthetic (the CPU demo's shapes), cifar10, in100 "
-                        "(CMC's classes), in1k, folder (train/, val/; small images: the demo's).")
-    d.add_argument("--data_path", default="data", help="Root of the dataset.")
-    d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
-    d.add_argument("--synthetic_size", type=int, nargs=2, default=(5000, 1000), help="Train, val.")
-    d.add_argument("--num_workers", type=int, help="Data loader processes per rank (decode, crop).")
-    d.add_argument("--max_bad_images", type=float, default=0.01, help="Unreadable images "
-                   "tolerated in an epoch, as a fraction (each replaced by another and named).")
-    m = p.add_argument_group("model")
-    m.add_argument("--arch", choices=list(VIT_SIZES), help="ViT-tiny, -small or -base.")
-    m.add_argument("--patch_size", type=int, choices=(4, 8, 16), help="Also the jitter's tile.")
-    m.add_argument("--depth", type=int, help="Number of transformer blocks.")
-    m.add_argument("--drop_path", type=float, help="Student's stochastic depth.")
-    m.add_argument("--out_dim", type=int, help="K, the head's output size (CLS and patches).")
-    m.add_argument("--head_hidden_dim", type=int, help="DINO head's MLP width.")
-    m.add_argument("--bottleneck_dim", type=int, help="DINO head's bottleneck.")
-    m.add_argument("--norm_last_layer", type=_bool, help="Freeze the head's last-layer norm.")
-    a = p.add_argument_group("augmentation and matching")
-    a.add_argument("--global_size", type=int, help="Side of the 2 global views.")
-    a.add_argument("--local_size", type=int, help="Side of the local views.")
-    a.add_argument("--n_local", type=int, help="Number of local views (0 allowed).")
-    a.add_argument("--global_scale", type=float, nargs=2, help="Crop area range, global views.")
-    a.add_argument("--local_scale", type=float, nargs=2, help="Crop area range, local views.")
-    a.add_argument("--blur_sigma", type=float, nargs=2, help="Blur sigma range (0 0: no blur).")
-    a.add_argument("--photometric", default="patch", choices=("patch", "view"),
-                   help="patch: colour jitter, grayscale drawn per patch (PW-Self); view: (DINO).")
-    a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
-                   help="Patches matched by crop geometry (PW-Self) or feature similarity (EsViT).")
-    l = p.add_argument_group("loss")
-    l.add_argument("--patch_loss_weight", type=float, default=1.0, help="0 is plain DINO.")
-    l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
-                   help="sum: L_image + w L_patch, each a mean; token_mean: the PW-Self code's.")
-    l.add_argument("--teacher_temp", type=float, help="Final teacher temperature (to 0.07).")
-    l.add_argument("--warmup_teacher_temp", type=float, help="Initial teacher temperature.")
-    l.add_argument("--warmup_teacher_temp_epochs", type=int, help="Epochs of its linear warm-up.")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--batch_size", type=int, help="Global batch size, split evenly over ranks.")
-    o.add_argument("--epochs", type=int, help="Training epochs.")
-    o.add_argument("--lr", type=float, help="Peak lr per 256 images, scaled with the batch.")
-    o.add_argument("--min_lr", type=float, help="Learning rate at the end.")
-    o.add_argument("--warmup_epochs", type=float, help="Epochs of lr warm-up.")
-    o.add_argument("--weight_decay", type=float, help="Initial weight decay.")
-    o.add_argument("--weight_decay_end", type=float, help="Final weight decay.")
-    o.add_argument("--momentum_teacher", type=float, help="Initial teacher EMA momentum (to 1).")
-    o.add_argument("--clip_grad", type=float, help="Per-parameter gradient norm clip (0: off).")
-    o.add_argument("--freeze_last_layer", type=int, help="Epochs with the head's last layer fixed.")
-    o.add_argument("--seed", type=int, default=0, help="Seeds the model and every draw.")
-    r = p.add_argument_group("run")
-    r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
-    r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
-    r.add_argument("--ckpt_every", type=int, default=0, help="Also save every N iterations.")
-    r.add_argument("--log_every", type=int, help="Log period in iterations.")
-    r.add_argument("--knn_every", type=int, help="k-NN every N epochs (0: at the end only).")
-    r.add_argument("--knn_k", type=int, nargs="+", help="k values of the k-NN.")
-    r.add_argument("--linear_iters", type=int, help="The linear probe's L-BFGS iterations at most "
-                   f"a fit, for each L2 of {LINEAR_L2} (0: no probe).")
-    r.add_argument("--eval_only", action="store_true", help="Evaluate output_dir or --pretrained.")
-    r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
-    r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
-    r.add_argument("--compile", action="store_true", help="torch.compile the step's models.")
-    t = p.add_argument_group("weights (pictures and export: patchwise_tools.py)")
-    t.add_argument("--pretrained", help="Backbone weights to start from or, with --eval_only, to "
-                   "evaluate: ours, DINO's checkpoints or backbones, timm ViT state dicts.")
-    t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"))
-    t.add_argument("--trust_checkpoint", action="store_true", help="Unpickle it (DINO's files).")
-    return p
-
-
-def resolve_args(argv=None):
-    """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
-    args = build_parser().parse_args(argv)
-    preset, args.notes = PRESETS[args.data], []  # notes: what was chosen for the user, logged once
-    if args.data == "folder":
-        cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-        preset, recipe = folder_preset(args.data_path, cuda)
-    args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # by the user
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, value))
-    if args.data == "folder":
-        args.notes.append(recipe(args))
-    if args.warmup_epochs >= args.epochs and "warmup_epochs" not in args.given:  # no peak, no decay
-        args.notes.append(f"the preset's {args.warmup_epochs:g} warm-up epochs outlast --epochs "
-                          f"{args.epochs}: warm-up scaled to a tenth of the run, "
-                          f"{args.epochs / 10:g} epochs")
-        args.warmup_epochs = args.epochs / 10
-    for key in ("global_scale", "local_scale", "blur_sigma", "knn_k"):  # lists when given
-        setattr(args, key, tuple(getattr(args, key)))
-    # More loader processes than the cores this rank may use only make them fight for the cores.
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores count
-    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # set by torchrun
-    if args.num_workers > cores:
-        args.notes.append(f"{args.num_workers} data workers asked for, {cores} used: its cores")
-        args.num_workers = cores
-    return args
-
-
-# What each numeric flag takes: (test of one value, its words); size bounds keep shapes in int64.
-ORDERED = ("global_scale", "local_scale", "blur_sigma")  # ranges: (low, high)
-POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "a positive number"), (lambda v: v >= 0, "0 or more")
-UNIT, WIDTH = (lambda v: 0 < v <= 1, "a value in (0, 1]"), (lambda v: 0 < v <= 2 ** 24, "1 to 2^24")
-SIDE = (lambda v: 0 < v <= 2 ** 16, "1 to 2^16 px")
-RANGES = dict(
-    synthetic_size=(lambda v: 0 < v <= 50_000, "1 to 50000 (the set is made in memory)"),
-    num_workers=NON_NEGATIVE, max_bad_images=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    patch_size=POSITIVE, depth=POSITIVE, drop_path=(lambda v: 0 <= v < 1, "a value in [0, 1)"),
-    out_dim=(lambda v: 2 <= v <= 2 ** 24, "2 to 2^24"), head_hidden_dim=WIDTH, bottleneck_dim=WIDTH,
-    global_size=SIDE, local_size=SIDE, n_local=NON_NEGATIVE, global_scale=UNIT,
-    local_scale=UNIT, blur_sigma=NON_NEGATIVE, patch_loss_weight=NON_NEGATIVE,
-    teacher_temp=POSITIVE, warmup_teacher_temp=POSITIVE, warmup_teacher_temp_epochs=NON_NEGATIVE,
-    batch_size=POSITIVE, epochs=(lambda v: 0 < v <= 10 ** 6, "1 to 10^6"), lr=POSITIVE,
-    min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
-    weight_decay_end=NON_NEGATIVE, momentum_teacher=(lambda v: 0 <= v <= 1, "a value in [0, 1]"),
-    clip_grad=NON_NEGATIVE, freeze_last_layer=NON_NEGATIVE, ckpt_every=NON_NEGATIVE,
-    log_every=POSITIVE, knn_every=NON_NEGATIVE, knn_k=POSITIVE, linear_iters=NON_NEGATIVE,
-    seed=(lambda v: -2 ** 63 <= v < 2 ** 63, "an integer of 64 bits, -2^63 to 2^63 - 1"),
-)
-
-
-def check_args(args):
-    """Catch the configuration mistakes that would otherwise fail deep inside a run."""
-    for name, (allowed, words) in RANGES.items():
-        value = getattr(args, name)
-        if value is None:  # --depth: the architecture's own
-            continue
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-        if not all((isinstance(v, int) or math.isfinite(v)) and allowed(v) for v in values):
-            raise UserError(f"--{name} {shown} is out of range: it takes {words}")
-        if name in ORDERED and values[0] > values[1]:
-            raise UserError(f"--{name} {shown}: give the smaller value first")
-    for name in ("global_size", "local_size"):
-        size, p = getattr(args, name), args.patch_size
-        if size % p:
-            raise UserError(f"--{name} {size} is not divisible by --patch_size {p}; use a multiple "
-                            f"such as {size // p * p or p}")
-    for flag, path, folder in (("data_path", args.data != "synthetic" and args.data_path, True),
-                               ("output_dir", args.output_dir, True),
-                               ("pretrained", args.pretrained, False)):
-        check_path(f"--{flag}", path, folder)
-    world, b = int(os.environ.get("WORLD_SIZE", 1)), args.batch_size  # world: set by torchrun
-    if b % world:
-        raise UserError(f"--batch_size {b} does not split over {world} processes; use a multiple "
-                        f"of {world} such as {max(world, b // world * world)}")
-
-
-def check_path(flag, path, folder):
-    """A path of the wrong kind, a file where a folder is wanted or the reverse, named up front."""
-    if path and os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}; it takes a "
-                        f"{'folder' if folder else 'file'}")
-
-
-# Processes (torchrun): every later section asks these two.
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(x):
-    if _distributed():
-        dist.all_reduce(x)
-    return x
 
 
 # ---- Model: ViT backbone and DINO head -----------------------------------------------------------
@@ -384,8 +157,8 @@ class VisionTransformer(nn.Module):
     def prepare_tokens(self, x):
         B, _, H, W = x.shape
         grid = (H // self.patch_size, W // self.patch_size)
-        pos = self.pos_embed
-        if grid[0] * grid[1] != pos.shape[1] - 1:
+        pos, side = self.pos_embed, math.isqrt(self.pos_embed.shape[1] - 1)
+        if grid != (side, side):  # the table is square: a 7x28 grid of 196 patches needs it too
             pos = interpolate_pos_embed(pos, grid)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
@@ -509,20 +282,27 @@ def spatial_views(img, rng, global_size, local_size, n_local, global_scale=(0.4,
     return torch.stack(views[:2]), local, torch.tensor(boxes), torch.tensor(flips)
 
 
+# DINO's per-view probabilities: blur always on global view 1, rarely on global view 2, half the
+# time on the locals; solarization on global view 2 only.
+P_BLUR_GLOBAL, P_SOLARIZE_GLOBAL = (1.0, 0.1), (0.0, 0.2)
+P_BLUR_LOCAL, P_SOLARIZE_LOCAL = 0.5, 0.0
+
+
 def draw_photometric_params(rng, n_views, n_tiles, p_blur, p_solarize, p_jitter=0.8, p_gray=0.2,
                             jitter=(0.4, 0.4, 0.2, 0.1), blur_sigma=(0.1, 2.0)):
     """DINO's colour augmentation drawn for n_views views of n_tiles tiles (patches; 1 for DINO):
-    tile (V, T, 6): jitter on, bright, contrast, sat, hue, gray; view (V, 2): blur sigma, solar."""
+    tile_params (V, T, 6): jitter on, bright, contrast, sat, hue, gray; view_params (V, 2): blur
+    sigma, solarize. p_blur, p_solarize: one probability, or one per view."""
     b, c, s, h = jitter
     u = rng.random((n_views, n_tiles, 6), dtype=np.float32)
-    tile = np.stack([u[..., 0] < p_jitter, 1 - b + 2 * b * u[..., 1], 1 - c + 2 * c * u[..., 2],
-                     1 - s + 2 * s * u[..., 3], -h + 2 * h * u[..., 4], u[..., 5] < p_gray],
-                    axis=-1).astype(np.float32)
+    tile_params = np.stack([u[..., 0] < p_jitter, 1 - b + 2 * b * u[..., 1],
+                            1 - c + 2 * c * u[..., 2], 1 - s + 2 * s * u[..., 3],
+                            -h + 2 * h * u[..., 4], u[..., 5] < p_gray], axis=-1).astype(np.float32)
     u = rng.random((n_views, 3), dtype=np.float32)
     sigma = np.where(u[:, 0] < np.asarray(p_blur),
                      blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[:, 1], 0.0)
-    view = np.stack([sigma, u[:, 2] < np.asarray(p_solarize)], axis=-1).astype(np.float32)
-    return torch.from_numpy(tile), torch.from_numpy(view)
+    view_params = np.stack([sigma, u[:, 2] < np.asarray(p_solarize)], axis=-1).astype(np.float32)
+    return torch.from_numpy(tile_params), torch.from_numpy(view_params)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -556,14 +336,15 @@ def adjust_hue(x, shift):
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
-def color_jitter_tiles(x, tile):
-    """Colour jitter then grayscale of x float (B, 3, S, S) in [0, 1], each tile with its own params
-    tile (B, g*g, 6), row-major; one fixed order of the ops: the parameters carry the randomness."""
+def color_jitter_tiles(x, tile_params):
+    """Colour jitter then grayscale of x float (B, 3, S, S) in [0, 1], each tile with its own
+    tile_params (B, g*g, 6), row-major; one fixed order of ops: the draws carry the randomness."""
     B, _, S, _ = x.shape
-    g = math.isqrt(tile.shape[1])
-    assert g * g == tile.shape[1] and S % g == 0, f"{g * g} tiles do not tile a {S}x{S} view"
+    g = math.isqrt(tile_params.shape[1])
+    assert g * g == tile_params.shape[1] and S % g == 0, f"{g * g} tiles do not tile a {S}x{S} view"
     x = x.reshape(B, 3, g, S // g, g, S // g)  # (B, 3, g, q, g, q): tile (i, j) is x[..., i, :, j]
-    on, bright, contrast, sat, hue, gray = tile.reshape(B, 1, g, 1, g, 1, 6).unbind(-1)  # each
+    params = tile_params.reshape(B, 1, g, 1, g, 1, 6)  # broadcasts over channels and pixels
+    on, bright, contrast, sat, hue, gray = params.unbind(-1)
     y = (x * bright).clamp(0, 1)
     mean = grayscale(y).mean(dim=(3, 5), keepdim=True)  # contrast pivots on the tile's own grey
     y = (contrast * y + (1 - contrast) * mean).clamp(0, 1)
@@ -587,19 +368,19 @@ def gaussian_blur(x, sigma, radius=6):
     return y.reshape(B, C, H, W)
 
 
-def normalize(x):
+def imagenet_normalize(x):
     mean = constant(IMAGENET_MEAN, x.device).view(1, 3, 1, 1)
     std = constant(IMAGENET_STD, x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def photometric_augment(views, tile, view):
-    """The drawn photometric augmentation of uint8 views (B, 3, S, S) on their device, tile (B, G,
-    6) and view (B, 2) params as drawn. Returns float32 (B, 3, S, S), ImageNet-normalised."""
-    x = gaussian_blur(color_jitter_tiles(views.float() / 255, tile), view[:, 0])
-    solarize = (view[:, 1] > 0).view(-1, 1, 1, 1)
+def photometric_augment(views, tile_params, view_params):
+    """The drawn photometric augmentation of uint8 views (B, 3, S, S) on their device, with
+    tile_params (B, G, 6) and view_params (B, 2) as drawn. Returns float32 (B, 3, S, S)."""
+    x = gaussian_blur(color_jitter_tiles(views.float() / 255, tile_params), view_params[:, 0])
+    solarize = (view_params[:, 1] > 0).view(-1, 1, 1, 1)
     x = torch.where(solarize & (x >= 128 / 255), 1 - x, x)  # PIL's threshold 128
-    return normalize(x)
+    return imagenet_normalize(x)
 
 
 # ---- Patch matching ------------------------------------------------------------------------------
@@ -666,6 +447,17 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
 
 
 # ---- Loss: image-level and patch-level self-distillation -----------------------------------------
+# Processes (torchrun): the loss all-reduces its statistics; later sections use these two too.
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(x, op="sum"):
+    """x summed (op "min": its minimum) over all ranks, in place; in one process x as it is."""
+    if _distributed():
+        dist.all_reduce(x, dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return x
+
 
 class PWSelfLoss(nn.Module):
     """DINO's DINOLoss with a patch level, over (teacher global i, student view v != i) pairs:
@@ -691,8 +483,10 @@ class PWSelfLoss(nn.Module):
     def forward(self, student_out, teacher_out, matches, epoch):
         """student_out: per student view (globals first) the head's outputs (B, 1 + N_v, K), CLS
         first, or the CLS's (B, 1, K) for plain DINO; teacher_out: the same, global views;
-        matches[i, v]: (index, valid) (B, N_v). Returns (total, image part, patch part); leaves
-        self.teacher_entropy (4,): `entropies` of CLS rows, CLS mean, patch rows, patch mean."""
+        matches[i, v]: (index, valid) (B, N_v). Returns (total, image part, patch part).
+        It all-reduces (the valid-match counts, the centres' batch means): every rank must call it.
+        Leaves self.teacher_entropy (4,) nats, `entropies` of the CLS targets then of the patch
+        targets: the mean entropy of a target, and the entropy of the batch's mean target."""
         temp, w = self.teacher_temp(epoch), self.patch_loss_weight
         with torch.no_grad():  # sharper than the student, and centred: together they avoid collapse
             q_cls = [F.softmax((t[:, 0].float() - self.center_cls) / temp, dim=-1)
@@ -706,9 +500,8 @@ class PWSelfLoss(nn.Module):
         # the global batch's matches however it is split; on the device: the host does not wait.
         n_patch = torch.zeros(len(pairs), device=logp[0].device)
         if w > 0:
-            n_patch = all_reduce_sum(torch.stack([matches[p][1].sum() for p in pairs]).float())
+            n_patch = all_reduce(torch.stack([matches[p][1].sum() for p in pairs]).float())
             n_patch = n_patch / (dist.get_world_size() if _distributed() else 1)
-        hits = [torch.zeros(q.shape[:2], dtype=torch.long, device=q.device) for q in q_patch]
         loss_image = loss_patch = torch.zeros((), device=logp[0].device)
         for k, (i, v) in enumerate(pairs):
             image = -(q_cls[i] * logp[v][:, 0]).sum()  # summed over the B images
@@ -717,7 +510,6 @@ class PWSelfLoss(nn.Module):
                 index, valid = matches[i, v]  # (B, N_v) each
                 target = q_patch[i].gather(1, index.unsqueeze(-1).expand(-1, -1, K))  # (B, N_v, K)
                 patch = ((-(target * logp[v][:, 1:]).sum(-1)) * valid).sum()  # invalid ones add 0
-                hits[i].scatter_add_(1, index, valid.long())  # which teacher patches were read
             if self.loss_weighting == "sum":  # each level a mean; a pair without matches adds 0
                 loss_image = loss_image + image / B
                 loss_patch = loss_patch + w * patch / n_patch[k].clamp_min(1)
@@ -726,35 +518,134 @@ class PWSelfLoss(nn.Module):
                 loss_patch = loss_patch + w * patch / (B + n_patch[k])
         loss_image, loss_patch = loss_image / len(pairs), loss_patch / len(pairs)
         with torch.no_grad():
-            q_patch, read = torch.cat(q_patch).flatten(0, 1), torch.cat(hits).flatten() > 0
             self.teacher_entropy = torch.cat([entropies(torch.cat(q_cls)),
-                                              entropies(q_patch, read)])
-            t_patch = torch.cat([t[:, 1:] for t in teacher_out]).flatten(0, 1)  # (G B N_t, K)
-            self.update_center(torch.cat([t[:, 0] for t in teacher_out]), t_patch, read)
+                                              entropies(torch.cat(q_patch).flatten(0, 1))])
+            t_cls = torch.cat([t[:, 0] for t in teacher_out])  # (G B, K)
+            self.update_center(t_cls, torch.cat([t[:, 1:] for t in teacher_out]).flatten(0, 1))
         return loss_image + loss_patch, loss_image, loss_patch
 
     @torch.no_grad()
-    def update_center(self, cls, patch, read):
-        """EMA of the batch mean of teacher outputs over all ranks, CLS (M_c, K) and patch (M_p, K)
-        outputs apart; the patch mean is over the patches the loss read (read: bool (M_p,))."""
-        read = read.unsqueeze(1).float()  # (M_p, 1)
-        n = torch.cat([torch.full((1,), float(len(cls)), device=cls.device), read.sum(0)])
-        stats = all_reduce_sum(torch.cat([cls.float().sum(0), (patch.float() * read).sum(0), n]))
+    def update_center(self, cls, patch):
+        """EMA of the batch mean of the teacher outputs over all ranks, CLS (M_c, K) and patch (M_p,
+        K) outputs apart; as iBOT, the patch centre is over all the teacher's patch outputs, matched
+        or not: it is the teacher's bias per dimension, which does not depend on the matching."""
+        world = dist.get_world_size() if _distributed() else 1  # every rank has the same M_c, M_p
         K, m = cls.shape[1], self.center_momentum
-        self.center_cls.mul_(m).add_(stats[:K] / stats[-2], alpha=1 - m)
-        # Only if some rank read patch outputs (never in plain DINO): on the device, alike on all.
-        moved = m * self.center_patch + (1 - m) * stats[K:2 * K] / stats[-1].clamp_min(1)
-        self.center_patch.copy_(torch.where(stats[-1] > 0, moved, self.center_patch))
+        sums = all_reduce(torch.cat([cls.float().sum(0), patch.float().sum(0)]))  # (2 K,)
+        self.center_cls.mul_(m).add_(sums[:K] / (len(cls) * world), alpha=1 - m)
+        if len(patch):  # plain DINO's teacher has no patch outputs: its patch centre stays
+            self.center_patch.mul_(m).add_(sums[K:] / (len(patch) * world), alpha=1 - m)
 
 
-def entropies(q, keep=None):
-    """Mean entropy of the rows of q (M, K) that keep (M,) marks, and the entropy of their mean,
-    (2,) nats. Healthy: row low, mean high; uniform collapse: both near ln K; on one dim: 0."""
-    keep = torch.ones(len(q), device=q.device) if keep is None else keep.float()  # (M,)
-    n = keep.sum().clamp_min(1)
-    row = -(torch.xlogy(q, q).sum(-1) * keep).sum() / n  # xlogy(0, 0) is 0
-    mean = (q * keep.unsqueeze(1)).sum(0) / n  # (K,)
-    return torch.stack([row, -torch.xlogy(mean, mean).sum()])
+def entropies(q):
+    """The mean entropy of the rows of q (M, K), each a target distribution, and the entropy of
+    their mean, (2,) nats (0 for no rows). Healthy: the first low, the second high; uniform
+    collapse: both near ln K; collapse on one dimension: both near 0."""
+    n = max(len(q), 1)
+    mean = q.sum(0) / n  # (K,)
+    return torch.stack([-torch.xlogy(q, q).sum() / n, -torch.xlogy(mean, mean).sum()])  # 0 log 0 = 0
+
+
+# ---- The training step: augment, forward, match, loss, backward, EMA -----------------------------
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
+    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
+    warmup = np.linspace(start_warmup, base, round(min(warmup_epochs, epochs) * iters_per_epoch))
+    steps = np.arange(epochs * iters_per_epoch - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def param_groups(model):
+    """Weight decay on weights only: DINO leaves biases and norm parameters (1-D) alone."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(parameters, clip):
+    """DINO's clipping: each parameter's gradient norm capped at `clip` on its own."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for g, n in zip(grads, torch._foreach_norm(grads)):
+        g.mul_((clip / (n + 1e-6)).clamp(max=1.0))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters at once."""
+    t, s = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1 - momentum)
+
+
+def unwrap(model):
+    """The plain module inside the torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def prepare_views(batch, device):
+    """A collated batch's views on the device, colour-augmented there: global (G B, 3, Sg, Sg) and
+    local (L B, 3, Sl, Sl) or None, view-major (all images' view 0, then view 1...) as DINO's."""
+    def views(key, tile_key, params):
+        if batch[key].shape[1] == 0:  # --n_local 0
+            return None
+        x = batch[key].to(device, non_blocking=True)  # (B, n, 3, S, S) uint8
+        tile = batch[tile_key].to(device, non_blocking=True)  # (B, n, G, 6)
+        return photometric_augment(x.transpose(0, 1).flatten(0, 1),
+                                   tile.transpose(0, 1).flatten(0, 1),
+                                   params.transpose(0, 1).flatten(0, 1))  # (n B, 3, S, S)
+    params = batch["view_params"].to(device, non_blocking=True)  # (B, V, 2)
+    G = batch["global_views"].shape[1]
+    glob = views("global_views", "tile_global", params[:, :G])
+    return glob, views("local_views", "tile_local", params[:, G:])
+
+
+def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
+               matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
+    """One PW-Self iteration: augment, forward, match patches, loss, backward, AdamW, EMA. Returns
+    float32 (7,) on the device (no sync): the loss, its image and patch parts, teacher entropies."""
+    device = next(teacher.parameters()).device
+    patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
+    glob, local = prepare_views(batch, device)
+    G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
+    sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights
+    # The teacher (global views only) in float16 under autocast, as DINO: its targets divide its
+    # outputs by 0.04, and bfloat16's 8-bit mantissa puts them ~65x further (KL) from float32's.
+    with torch.no_grad(), torch.autocast(device.type, torch.float16, enabled=amp_dtype is not None):
+        t_tokens, (t_out,) = teacher([glob], patches)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
+                        enabled=amp_dtype is not None):
+        s_tokens, s_out = student([glob, local] if L else [glob], patches)
+    teacher_out = t_out.chunk(G)  # G x (B, T_g, K)
+    student_out = s_out[0].chunk(G) + (s_out[1].chunk(L) if L else ())  # V x (B, T_v, K)
+    matches = {}
+    if patches and matching == "coords":  # geometry alone, a few tensor ops on the device
+        matches = match_views(batch["box"].to(device, non_blocking=True),
+                              batch["flip"].to(device, non_blocking=True), sizes, patch_size, G)
+    elif patches:  # the ablation: by similarity of the backbone's patch features
+        s_feats = [t[:, 1:].detach() for t in s_tokens]  # (V_r B, N_r, D) per resolution
+        s_feats = s_feats[0].chunk(G) + (s_feats[1].chunk(L) if L else ())
+        matches = match_views(None, None, sizes, patch_size, G, t_tokens[0][:, 1:].chunk(G),
+                              s_feats)
+    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        clip_gradients(student.parameters(), clip_grad)
+    if freeze_last_layer:  # DINO: a fixed last layer in the first epoch keeps early training stable
+        for p in unwrap(student).head.last_layer.parameters():
+            p.grad = None
+    optimizer.step()
+    ema_update(teacher, unwrap(student), momentum)
+    losses = torch.stack([loss, loss_image, loss_patch]).detach().float()
+    return torch.cat([losses, loss_fn.teacher_entropy])  # (7,)
 
 
 # ---- Data ----------------------------------------------------------------------------------------
@@ -826,6 +717,20 @@ def load_image(path):
     return img.convert("RGB")
 
 
+class ClassFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder of `classes` only (None: every sub-folder), labelled in sorted order; at module
+    level, so that data workers started by spawn (macOS) or forkserver (Python 3.14) unpickle it."""
+
+    def __init__(self, root, classes=None):
+        self.only = classes  # find_classes runs inside ImageFolder's __init__
+        super().__init__(root, loader=load_image)
+
+    def find_classes(self, directory):
+        if self.only is None:
+            return super().find_classes(directory)
+        return list(self.only), {c: i for i, c in enumerate(self.only)}
+
+
 def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
     """The train and val sets for --data, each yielding (PIL image, label); and the class count."""
     if data == "synthetic":
@@ -854,19 +759,13 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
                             "--data_path at the ImageNet-1K root or a folder of those classes")
         if int(os.environ.get("RANK", 0)) == 0:  # 100 of 100: a prepared ImageNet-100 folder
             print(f"ImageNet-100: the 100 CMC classes of the {len(present)} in {data_path}")
-
-    class Folder(torchvision.datasets.ImageFolder):
-        def find_classes(self, directory):  # only the preset's classes, labelled in sorted order
-            if classes is None:
-                return super().find_classes(directory)
-            return classes, {c: i for i, c in enumerate(classes)}
     splits = []
     for split in ("train", "val"):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
             raise UserError(f"{root} is not a folder; --data_path must hold train/ and val/")
         try:
-            splits.append(Folder(root, loader=load_image))
+            splits.append(ClassFolder(root, classes))
         except FileNotFoundError as e:
             raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of "
                             f"images per class") from None
@@ -875,6 +774,16 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
 
 # PIL's errors for files that are corrupt, truncated or not images at all.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_sample(base, index):
+    """base[index], an (image, label), or None if its file is unreadable, named on stderr."""
+    try:
+        return base[index]
+    except UNREADABLE as e:
+        print(f"patchwise: warning: unreadable image {base.samples[index][0]} ({e})",
+              file=sys.stderr)
+        return None
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
@@ -897,23 +806,15 @@ class MultiViewDataset(torch.utils.data.Dataset):
         epoch, index = key
         rng = np.random.default_rng((self.seed % 2 ** 64, epoch, index))  # numpy wants seeds >= 0
         bad = 0
-        while True:
-            try:
-                img, label = self.base[index]
-                break
-            except UNREADABLE as e:
-                # Reported; another image from this sample's generator: the same on every run.
-                print(f"patchwise: warning: skipping unreadable image {self.base.samples[index][0]}"
-                      f" ({e})", file=sys.stderr)
-                bad += 1
-                index = int(rng.integers(len(self.base)))
+        while (sample := read_sample(self.base, index)) is None:  # replaced, counted: another
+            bad += 1  # image from this sample's generator, the same on every run
+            index = int(rng.integers(len(self.base)))
+        img, label = sample
         glob, local, box, flip = spatial_views(img.convert("RGB"), rng, *self.spatial)
-        # DINO's per-view probabilities: blur always on global 1, rarely on global 2, half the
-        # time on locals; solarization on global 2 only.
-        tile_g, view_g = draw_photometric_params(rng, 2, self.tiles[0], [1.0, 0.1], [0.0, 0.2],
-                                                 blur_sigma=self.blur_sigma)
-        tile_l, view_l = draw_photometric_params(rng, self.n_local, self.tiles[1], 0.5, 0.0,
-                                                 blur_sigma=self.blur_sigma)
+        tile_g, view_g = draw_photometric_params(rng, 2, self.tiles[0], P_BLUR_GLOBAL,
+                                                 P_SOLARIZE_GLOBAL, blur_sigma=self.blur_sigma)
+        tile_l, view_l = draw_photometric_params(rng, self.n_local, self.tiles[1], P_BLUR_LOCAL,
+                                                 P_SOLARIZE_LOCAL, blur_sigma=self.blur_sigma)
         return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
                     tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label,
                     bad=bad)
@@ -950,13 +851,11 @@ class EvalDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         import torchvision.transforms.functional as TF
-        try:
-            img, label = self.base[index]
-        except UNREADABLE as e:  # k-NN still needs a row for it: a black image, reported
-            print(f"patchwise: warning: unreadable image {self.base.samples[index][0]} ({e}); "
-                  "k-NN uses a black image in its place", file=sys.stderr)
+        sample = read_sample(self.base, index)
+        if sample is None:  # the evaluation still needs a row for it: a black image
             black = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return black, self.base.targets[index], index
+        img, label = sample
         img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
                                        interpolation=TF.InterpolationMode.BICUBIC), self.size)
         return TF.pil_to_tensor(img), label, index
@@ -1012,31 +911,31 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
                                          num_workers=num_workers, generator=torch.Generator())
     was_training = backbone.training
     backbone.eval()
-    out = ([], [], [], [])  # CLS features, labels, dataset indices, linear features
+    out = dict(cls=[], label=[], index=[], linear=[])  # a tensor a batch; index: the dataset's
     report = progress_reporter(log, "features", len(loader), "batches")
     for b, (x, y, idx) in enumerate(loader):
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                             enabled=amp_dtype is not None):
-            x = normalize(x.to(device, non_blocking=True).float() / 255)
+            x = imagenet_normalize(x.to(device, non_blocking=True).float() / 255)
             blocks = backbone.get_intermediate_layers(x, linear[0] if linear else 1)  # (B, T, D)s
-        out[0].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's CLS
-        out[1].append(y.to(device))
-        out[2].append(idx.to(device))
+        out["cls"].append(F.normalize(blocks[-1][:, 0].float(), dim=1))  # (B, D) the last block's
+        out["label"].append(y.to(device))
+        out["index"].append(idx.to(device))
         if linear:
             pooled = [blocks[-1][:, 1:].mean(dim=1)] if linear[1] else []
-            out[3].append(torch.cat([t[:, 0] for t in blocks] + pooled, dim=1).half())  # (B, F)
+            out["linear"].append(torch.cat([t[:, 0] for t in blocks] + pooled, dim=1).half())  # (B, F)
         report(b + 1)
     backbone.train(was_training)
-    out = [torch.cat(t) for t in out if t]
-    for i, t in enumerate(out if world > 1 else []):  # DistributedSampler pads: equal counts
+    out = {key: torch.cat(t) for key, t in out.items() if t}
+    for key, t in out.items() if world > 1 else ():  # DistributedSampler pads: equal counts
         gathered = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(gathered, t)
-        out[i] = torch.cat(gathered)
+        out[key] = torch.cat(gathered)
         del gathered  # at ImageNet scale each copy of the probe's features is gigabytes
-    index = out.pop(2)
-    for i, t in enumerate(out):  # into the dataset's order; the padding repeats rows alike
-        out[i] = t.new_empty((len(dataset), *t.shape[1:])).index_copy_(0, index, t)
-    return out[0], out[1], (out[2] if linear else None)
+    index = out.pop("index")
+    for key, t in out.items():  # into the dataset's order; the padding repeats rows alike
+        out[key] = t.new_empty((len(dataset), *t.shape[1:])).index_copy_(0, index, t)
+    return out["cls"], out["label"], out.get("linear")
 
 
 @torch.no_grad()
@@ -1136,7 +1035,7 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, max_iter=1000, l2s
     W, b = fit_logistic(train_x, train_y, num_classes, l2s[best], mean, std, basis, fits[best],
                         max_iter, report)
     top1, top5 = linear_accuracy(val_x, val_y, W, b, mean, std)
-    return dict(linear_top1=top1, linear_top5=top5, linear_wd=l2s[best])
+    return dict(linear_top1=top1, linear_top5=top5, linear_l2=l2s[best])
 
 
 def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, ks=(20,),
@@ -1162,14 +1061,21 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
             dist.broadcast_object_list(probe, src=0)
         results.update(probe[0])
         log(f"linear probe of the {label} ({train_l.shape[1]} features, L2 "
-            f"{results['linear_wd']:g} chosen on held-out training images): top-1 "
+            f"{results['linear_l2']:g} chosen on held-out training images): top-1 "
             f"{results['linear_top1']:.2f}% top-5 {results['linear_top5']:.2f}%", flush=True)
     return results
 
 
 # ---- Weights in and out: checkpoints, and backbones in DINO's and timm's layouts -----------------
 
-ARCH_KEYS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
+ARCH_FLAGS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
+# What a resumed run must share with its checkpoint to go on as the same run: every flag that
+# changes what it computes, but --epochs (longer: the schedules are recomputed, as DINO allows)
+# and where the data lies, how it is loaded, logged and evaluated.
+RUN_FLAGS = tuple(k for k in DEFAULTS if k not in ("epochs", "num_workers", "log_every",
+                                                   "knn_every", "knn_k", "linear_iters")) + (
+    "data", "synthetic_size", "photometric", "matching", "patch_loss_weight", "loss_weighting",
+    "seed")
 
 
 def save_checkpoint(state, path):
@@ -1187,29 +1093,24 @@ def read_weights(path, trust=False):
     (DINO's checkpoints hold an argparse.Namespace) only when trusted; one line if unreadable."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip archive (PK..), older torch a bare pickle (protocol byte 0x80)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise UserError(f"{path} is {'empty' if not head else 'not a PyTorch file'}; pass a "
-                        "checkpoint written by torch.save: patchwise's, DINO's or a timm ViT's")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # the safe unpickler's refusal (its type differs across torch versions)
-        words = str(e).lower()
-        if trust or "weights_only" not in words and "unsupported global" not in words:
+    except Exception as e:  # torch's types for these differ across versions: its words do not
+        if trust or "unsupported global" not in str(e).lower():
             raise UserError(f"cannot read {path} as a PyTorch file ({type(e).__name__}): it is "
-                            "truncated or not a checkpoint; pass another file") from None
+                            "empty, truncated or not a checkpoint; pass another file") from None
         raise UserError(f"{path} holds pickled Python objects besides tensors (DINO's keep their "
                         "args so); if you trust the file, add --trust_checkpoint") from None
 
 
-def check_same_architecture(saved, args, path):
-    diff = [f"{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in ARCH_KEYS
-            if saved.get(k) != getattr(args, k)]
+def check_same_flags(saved, args, flags, path):
+    """One line naming every flag of `flags` whose value differs from the checkpoint's args."""
+    diff = [f"--{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in flags
+            if (tuple(saved[k]) if isinstance(saved.get(k), list) else saved.get(k))
+            != getattr(args, k)]
     if diff:
-        raise UserError(f"{path} is of another model: {', '.join(diff)}; pass the checkpoint's "
-                        "flags or another --output_dir")
+        raise UserError(f"{path} was trained with other flags: {', '.join(diff)}; pass the "
+                        "checkpoint's values or another --output_dir")
 
 
 def backbone_state_dict(state, key="teacher"):
@@ -1236,105 +1137,7 @@ def load_backbone(backbone, state, source, key="teacher"):
                         "--patch_size and --depth to the file's") from None
 
 
-# ---- Training, and --eval_only -------------------------------------------------------------------
-
-def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
-    """Per-iteration values: linear warm-up from start_warmup to base, then cosine to final."""
-    warmup = np.linspace(start_warmup, base, round(min(warmup_epochs, epochs) * iters_per_epoch))
-    steps = np.arange(epochs * iters_per_epoch - len(warmup))
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
-
-
-def param_groups(model):
-    """Weight decay on weights only: DINO leaves biases and norm parameters (1-D) alone."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def clip_gradients(parameters, clip):
-    """DINO's clipping: each parameter's gradient norm capped at `clip` on its own."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    for g, n in zip(grads, torch._foreach_norm(grads)):
-        g.mul_((clip / (n + 1e-6)).clamp(max=1.0))
-
-
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, over all parameters at once."""
-    t, s = list(teacher.parameters()), list(student.parameters())
-    torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, s, alpha=1 - momentum)
-
-
-def unwrap(model):
-    """The plain module inside the torch.compile and DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def prepare_views(batch, device):
-    """A collated batch's views on the device, colour-augmented there: global (G B, 3, Sg, Sg) and
-    local (L B, 3, Sl, Sl) or None, view-major (all images' view 0, then view 1...) as DINO's."""
-    def views(key, tile_key, params):
-        if batch[key].shape[1] == 0:  # --n_local 0
-            return None
-        x = batch[key].to(device, non_blocking=True)  # (B, n, 3, S, S) uint8
-        tile = batch[tile_key].to(device, non_blocking=True)  # (B, n, G, 6)
-        return photometric_augment(x.transpose(0, 1).flatten(0, 1),
-                                   tile.transpose(0, 1).flatten(0, 1),
-                                   params.transpose(0, 1).flatten(0, 1))  # (n B, 3, S, S)
-    params = batch["view_params"].to(device, non_blocking=True)  # (B, V, 2)
-    G = batch["global_views"].shape[1]
-    glob = views("global_views", "tile_global", params[:, :G])
-    return glob, views("local_views", "tile_local", params[:, G:])
-
-
-def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
-               matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
-    """One PW-Self iteration: augment, forward, match patches, loss, backward, AdamW, EMA. Returns
-    float32 (7,) on the device (no sync): the loss, its image and patch parts, teacher entropies."""
-    device = next(teacher.parameters()).device
-    patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
-    glob, local = prepare_views(batch, device)
-    G, L = batch["global_views"].shape[1], batch["local_views"].shape[1]
-    sizes = [glob.shape[-1]] * G + ([local.shape[-1]] * L if L else [])
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = wd  # group 0 holds the decayed weights
-    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
-                        enabled=amp_dtype is not None):
-        with torch.no_grad():  # the teacher sees only the global views
-            t_tokens, (t_out,) = teacher([glob], patches)
-        s_tokens, s_out = student([glob, local] if L else [glob], patches)
-    teacher_out = t_out.chunk(G)  # G x (B, T_g, K)
-    student_out = s_out[0].chunk(G) + (s_out[1].chunk(L) if L else ())  # V x (B, T_v, K)
-    matches = {}
-    if patches and matching == "coords":  # geometry alone, a few tensor ops on the device
-        matches = match_views(batch["box"].to(device, non_blocking=True),
-                              batch["flip"].to(device, non_blocking=True), sizes, patch_size, G)
-    elif patches:  # the ablation: by similarity of the backbone's patch features
-        s_feats = [t[:, 1:].detach() for t in s_tokens]  # (V_r B, N_r, D) per resolution
-        s_feats = s_feats[0].chunk(G) + (s_feats[1].chunk(L) if L else ())
-        matches = match_views(None, None, sizes, patch_size, G, t_tokens[0][:, 1:].chunk(G),
-                              s_feats)
-    loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
-
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_grad:
-        clip_gradients(student.parameters(), clip_grad)
-    if freeze_last_layer:  # DINO: a fixed last layer in the first epoch keeps early training stable
-        for p in unwrap(student).head.last_layer.parameters():
-            p.grad = None
-    optimizer.step()
-    ema_update(teacher, unwrap(student), momentum)
-    losses = torch.stack([loss, loss_image, loss_patch]).detach().float()
-    return torch.cat([losses, loss_fn.teacher_entropy])  # (7,)
-
+# ---- The run: training and --eval_only -----------------------------------------------------------
 
 def setup_distributed(device_arg=None):
     """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU; multi-node
@@ -1378,7 +1181,7 @@ def backbone_from_args(args, flag):
                         "pass --pretrained")
     state = read_weights(path, args.trust_checkpoint)
     if not args.pretrained:
-        check_same_architecture(state["args"], args, path)
+        check_same_flags(state["args"], args, ARCH_FLAGS, path)
     load_backbone(backbone, state, path, args.checkpoint_key)
     return backbone, path
 
@@ -1392,6 +1195,27 @@ def start_run(args):
     return rank, world, device, log, (torch.bfloat16 if device.type == "cuda" else None)
 
 
+@contextlib.contextmanager
+def agreed_errors(device):
+    """Every rank runs the block (no collective inside); a UserError on any rank stops them all,
+    its line printed once by the lowest rank that met it: the file or memory that one node lacks
+    is named, not lost to torchrun's silent kill of the other ranks."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        error = e
+    if _distributed():
+        failed = torch.zeros(dist.get_world_size(), device=device)
+        failed[dist.get_rank()] = error is not None
+        failed = all_reduce(failed).nonzero().flatten().tolist()  # the ranks that met one
+        if failed:
+            error = error if dist.get_rank() == failed[0] else UserError("")  # "": print nothing
+            error.rank = failed[0]
+    if error:
+        raise error
+
+
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -1402,45 +1226,476 @@ def rng_state(device):
     return states
 
 
-LOG_KEYS = ("train_loss", "train_loss_image", "train_loss_patch", "teacher_entropy_cls",  # log
-            "teacher_entropy_cls_mean", "teacher_entropy_patch", "teacher_entropy_patch_mean")
+LOG_KEYS = ("train_loss", "train_loss_image", "train_loss_patch",  # log.txt, one line an epoch
+            "teacher_entropy_cls_target", "teacher_entropy_cls_batch_mean",  # see PWSelfLoss
+            "teacher_entropy_patch_target", "teacher_entropy_patch_batch_mean")
 
 
 def collapse_warning(image_loss_range, entropy_cls, out_dim):
     """(kind, warning line) if the image level collapsed this epoch, else None, from the epoch's
-    lowest and highest image loss and its mean CLS entropies (`entropies`: rows, batch mean)."""
+    lowest and highest image loss and its CLS entropies: of a target, of the batch's mean target."""
     ln_k = math.log(out_dim)
+    target, batch_mean = entropy_cls
     flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
-    if flat_loss or entropy_cls[0] >= 0.99 * ln_k:
+    if flat_loss or target >= 0.99 * ln_k:
         return "uniform", (
-            f"warning: collapse: the teacher's CLS outputs are uniform (image loss or their "
-            f"entropy within 1% of ln K = {ln_k:.3f} for an epoch); on MNIST it left ln K after "
-            f"~1,000 steps at full lr: try more --epochs, then a lower --teacher_temp or --out_dim")
-    if entropy_cls[1] < math.log(2):
+            f"warning: collapse: the teacher's CLS targets are uniform (image loss or their "
+            f"entropy within 1% of ln K = {ln_k:.3f} for an epoch): try more --epochs, then a "
+            f"lower --teacher_temp or --out_dim")
+    if batch_mean < math.log(2):
         return "one dimension", (
-            f"warning: collapse: the teacher's CLS outputs put nearly all their mass on one "
-            f"dimension (entropy of their mean {entropy_cls[1]:.2f} < ln 2); raise --teacher_temp "
-            f"towards 0.04-0.07, or lower --lr")
-    # mean - row entropy is what the batch's outputs tell about their images: a few nats when
-    # healthy, near 0 when every image gets the same target (near ln K, the uniform case above).
-    if entropy_cls[1] - entropy_cls[0] < 0.05 and entropy_cls[0] < 0.95 * ln_k:
+            f"warning: collapse: the teacher's CLS targets all peak on one dimension (entropy of "
+            f"their batch mean {batch_mean:.2f} < ln 2): raise --teacher_temp towards 0.07, or "
+            f"lower --lr")
+    # batch mean - target: what the targets tell apart, a few nats when healthy, near 0 when every
+    # image gets the same target (near ln K, the uniform case above)
+    if batch_mean - target < 0.05 and target < 0.95 * ln_k:
         return "constant", (
-            f"warning: collapse: the teacher gives every image nearly the same CLS output (entropy "
-            f"of the batch mean {entropy_cls[1]:.2f} minus the rows' {entropy_cls[0]:.2f} < 0.05 "
-            f"nats): the image level learns nothing; raise --momentum_teacher to 0.996, lower --lr")
+            f"warning: collapse: the teacher gives every image nearly the same CLS target "
+            f"(entropy of the batch mean {batch_mean:.2f}, of a target {target:.2f}): raise "
+            f"--momentum_teacher to 0.996, or lower --lr")
     return None
 
 
+NEVER = 2 ** 62  # first_bad while every loss has been finite
+
+
 def stop_if_not_finite(first_bad, model, step, ckpt_path, weights_too=False):
-    """One line and the end of the run if the loss went non-finite (first_bad: that step, or -1)
-    or, with weights_too (before a save), the weights. Syncs: called only to log or save."""
-    bad, what = int(first_bad.item()), "loss"
-    if weights_too and not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+    """One line and the end of the run, on every rank at the same step, if the loss of any rank
+    went non-finite (first_bad: this rank's first such step, or NEVER) or, with weights_too
+    (before a save), the weights. Syncs the ranks: called only to log or save."""
+    bad, what = int(all_reduce(first_bad.clone(), "min").item()), "loss"
+    if (bad == NEVER and weights_too
+            and not torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
         bad, what = step, "weights"
-    if bad >= 0:
+    if bad < NEVER:
         raise UserError(f"the {what} became non-finite at iteration {bad} of the run; {ckpt_path} "
                         "holds the last good state: lower --lr, --min_lr, --weight_decay(_end) or "
                         "--teacher_temp (whichever you raised), then --resume")
+
+
+def build_models(args, device, rank, world, pretrained=None):
+    """Student (in DDP), teacher, equal at the start (from the `pretrained` state's backbone if
+    given), and the modules the step calls (compiled)."""
+    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student only
+    student = encoder_from_args(args, args.drop_path).to(device)
+    teacher = encoder_from_args(args).to(device)
+    torch.manual_seed((args.seed * 1000 + rank) % 2 ** 64)  # from here on drop path, per rank
+    if pretrained is not None:
+        load_backbone(student.backbone, pretrained, args.pretrained, args.checkpoint_key)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        return student, teacher, torch.compile(student), torch.compile(teacher)
+    return student, teacher, student, teacher
+
+
+def read_checkpoint(path, args):
+    """The checkpoint --resume goes on from; one line if its run's flags differ from args'."""
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    ckpt = read_weights(path)
+    # a warm-up the user did not set follows --epochs (resolve_args), which may grow on a resume
+    flags = [k for k in RUN_FLAGS if k != "warmup_epochs" or k in args.given]
+    check_same_flags(ckpt["args"], args, flags, path)
+    return ckpt
+
+
+def resume(ckpt, student, teacher, optimizer, loss_fn, device, rank, world):
+    """Load all, this rank's RNG too for the same world size; returns (epoch, iteration)."""
+    unwrap(student).load_state_dict(ckpt["student"])
+    teacher.load_state_dict(ckpt["teacher"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loss_fn.load_state_dict(ckpt["loss"])
+    if len(ckpt["rng"]) == world:  # drop path's draws: this rank's generator, as it was
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+    return ckpt["epoch"], ckpt["iteration"]
+
+
+def evaluate_teacher(args, backbone, datasets, device, label, linear, amp_dtype, log):
+    """evaluate_backbone with args' flags; datasets: build_datasets' (train, val, classes)."""
+    train_base, val_base, num_classes = datasets
+    args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
+    world = dist.get_world_size() if _distributed() else 1
+    return evaluate_backbone(backbone, EvalDataset(train_base, args.global_size),
+                             EvalDataset(val_base, args.global_size), num_classes, device, label,
+                             args.knn_k, args.linear_iters if linear else 0,
+                             args.batch_size // world, args.num_workers, amp_dtype, args.seed, log)
+
+
+def train(args):
+    """The whole run. Only the drivers (train, evaluate, main) and their helpers read `args`."""
+    rank, world, device, log, amp_dtype = start_run(args)
+    local_batch = args.batch_size // world
+    with agreed_errors(device):  # what one node may lack: a folder, memory, the data, a file
+        args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
+        check_memory(args, device, world)
+        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+        ckpt = read_checkpoint(ckpt_path, args) if args.resume else None
+        pretrained = None if not args.pretrained else read_weights(args.pretrained,
+                                                                   args.trust_checkpoint)
+
+    # Data
+    dataset = MultiViewDataset(datasets[0], args.seed, args.global_size, args.local_size,
+                               args.n_local, args.patch_size, args.photometric, args.global_scale,
+                               args.local_scale, args.blur_sigma)
+    sampler = EpochSampler(dataset, world, rank, args.seed, local_batch)
+    loader = torch.utils.data.DataLoader(  # its own generator: the global one drives drop path
+        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+        generator=torch.Generator())
+    iters = len(sampler) // local_batch
+    if iters == 0:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
+                        f"{args.batch_size}; lower --batch_size")
+
+    # Models, optimiser and schedules (args.doing: what an out-of-memory error will name)
+    student, teacher, student_step, teacher_step = build_models(args, device, rank, world,
+                                                                pretrained)
+    args.doing = f"building the schedules of --epochs {args.epochs} x {iters} iterations"
+    loss_fn = PWSelfLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
+                         loss_weighting=args.loss_weighting).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
+    # DINO's linear scaling rule: the peak learning rate grows with the global batch.
+    lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs,
+                                  iters, args.warmup_epochs)
+    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
+    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
+
+    start_epoch, start_iter = 0, 0
+    if ckpt:
+        start_epoch, start_iter = resume(ckpt, student, teacher, optimizer, loss_fn, device, rank,
+                                         world)
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
+        if ckpt["args"]["epochs"] != args.epochs:
+            log(f"--epochs {args.epochs}, the checkpoint's {ckpt['args']['epochs']}: the lr, "
+                f"weight decay and teacher momentum schedules recomputed for {args.epochs} epochs")
+
+    def save(epoch, iteration):
+        state = dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict(),
+                     optimizer=optimizer.state_dict(), loss=loss_fn.state_dict(), epoch=epoch,
+                     iteration=iteration, args=vars(args), rng=rng_state(device))
+        if rank == 0:
+            save_checkpoint(state, ckpt_path)
+
+    if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
+        evaluate_teacher(args, teacher.backbone, datasets, device, "randomly initialised teacher",
+                         True, amp_dtype, log)
+    log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: "
+        f"{len(dataset)} images, {args.epochs} epochs of {iters} iterations, global batch "
+        f"{args.batch_size} on {world} process(es), {device.type}")
+
+    # The loop: train_step's outputs summed on the device (no sync), read at log lines and epoch
+    # ends; first_bad: this rank's first step whose loss is not finite
+    first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
+    results, warned, ln_k = {}, set(), math.log(args.out_dim)
+    run_start, first_step = time.time(), start_epoch * iters + start_iter
+    for epoch in range(start_epoch, args.epochs):
+        args.doing = "a training step"
+        sampler.set_epoch(epoch, start_iter)
+        sums = torch.zeros(7, dtype=torch.float64, device=device)  # over the epoch
+        window_sums, window_start, window_time = sums.clone(), start_iter, time.time()  # the log's
+        image_low_high = torch.tensor([math.inf, -math.inf], device=device)  # this rank's
+        bad_images = 0  # unreadable files met this epoch (replaced by others)
+        for it, batch in enumerate(loader, start=start_iter):
+            step = epoch * iters + it
+            losses = train_step(  # (7,) loss, image, patch, teacher entropies
+                student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch,
+                lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
+                momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
+                matching=args.matching, clip_grad=args.clip_grad,
+                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
+            first_bad = torch.where(torch.isfinite(losses[0]), first_bad, first_bad.clamp(max=step))
+            sums += losses
+            image_low_high = torch.stack([image_low_high[0].minimum(losses[1]),
+                                          image_low_high[1].maximum(losses[1])])
+            bad_images += int(batch["bad"].sum())  # a CPU tensor: no device sync
+            if (step + 1) % args.log_every == 0 or it + 1 == iters:
+                stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path)
+                n, now = it + 1 - window_start, time.time()
+                m = (all_reduce(sums - window_sums) / (world * n)).tolist()  # the window's means
+                speed = n * args.batch_size / max(now - window_time, 1e-9)
+                rate = f"{speed:.0f}" if speed >= 1 else f"{speed:.2g}"  # 0.25 img/s, not 0
+                eta = (now - run_start) / (step + 1 - first_step) * (args.epochs * iters - step - 1)
+                window_sums, window_start, window_time = sums.clone(), it + 1, now
+                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image "
+                    f"{m[1]:.5f} patch {m[2]:.5f})  teacher entropy of a target/of the batch mean: "
+                    f"cls {m[3]:.2f}/{m[4]:.2f} patch {m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr "
+                    f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3g}  mom "
+                    f"{momentum_schedule[step]:.5f}  {rate} img/s  ETA "
+                    f"{datetime.timedelta(seconds=int(eta))}", flush=True)
+            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
+                stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path, weights_too=True)
+                save(epoch, it + 1)
+
+        # End of the epoch: collapse check, unreadable files, checkpoint, evaluation, log.txt
+        stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path, weights_too=True)
+        n = iters - start_iter  # this epoch's iterations
+        stats = dict(zip(LOG_KEYS, (all_reduce(sums.clone()) / (world * n)).tolist()))
+        collapse = collapse_warning(image_low_high.tolist(), (stats["teacher_entropy_cls_target"],
+                                    stats["teacher_entropy_cls_batch_mean"]), args.out_dim)
+        if collapse and collapse[0] not in warned:  # each kind once per run
+            warned.add(collapse[0])
+            log(collapse[1], flush=True)
+        bad_images = int(all_reduce(torch.tensor([bad_images], device=device)).item())
+        seen = n * args.batch_size
+        if bad_images > args.max_bad_images * seen:
+            raise UserError(f"{bad_images} of {seen} images in epoch {epoch + 1} were unreadable, "
+                            f"over --max_bad_images {args.max_bad_images}: fix those named above")
+        start_iter = 0
+        save(epoch + 1, 0)
+        stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
+                     train_wd=float(wd_schedule[step]), epoch=epoch)
+        last = epoch + 1 == args.epochs
+        if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+            label = "trained teacher" if last else f"teacher after epoch {epoch + 1}"
+            results = evaluate_teacher(args, teacher.backbone, datasets, device, label, last,
+                                       amp_dtype, log)
+            stats.update(results)
+        if rank == 0:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(stats) + "\n")
+    return results
+
+
+def evaluate(args):
+    """--eval_only: k-NN and linear probe of the teacher in output_dir or --pretrained."""
+    rank, world, device, log, amp_dtype = start_run(args)
+    with agreed_errors(device):  # what one node may lack: the weights, the data
+        backbone, path = backbone_from_args(args, "--eval_only")
+        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+    return evaluate_teacher(args, backbone.to(device), datasets, device, f"teacher in {path}",
+                            True, amp_dtype, log)
+
+
+# ---- The command line: flags, presets, checks ----------------------------------------------------
+
+def folder_preset(data_path, cuda):
+    """PRESETS['folder'], or the demo's sized to the set for small images; its log line(args)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # what ImageFolder will read
+    root = os.path.join(data_path, "train")
+    classes = sorted(e.path for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+
+    def images(folder):
+        return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+                      if f.lower().endswith(IMG_EXTENSIONS))
+    sides = []
+    for folder in classes[::max(1, len(classes) // 16)][:16]:  # a few headers from a few classes
+        for path in images(folder)[:2]:
+            try:
+                with Image.open(path) as img:
+                    sides.append(min(img.size))
+            except (OSError, ValueError, SyntaxError):
+                pass
+    side = sorted(sides)[len(sides) // 2] if sides else None
+    run = lambda a: f"{a.arch}/{a.patch_size} at {a.global_size}/{a.local_size} px"  # noqa: E731
+    if side is None or side > SMALL_SIDE:
+        return PRESETS["folder"], lambda a: f"ImageNet recipe for --data folder: {run(a)}"
+    samples = CPU_SAMPLES * (10 if cuda else 1)  # a GPU trains ten times longer in the same minutes
+    n = sum(len(images(folder)) for folder in classes)  # small images: a small count to make
+    preset = {**PRESETS["synthetic"], "knn_every": 0, "epochs": max(1, round(samples / n)),
+              "num_workers": 8 if cuda else 0}
+    return preset, lambda a: (f"small-image recipe for --data folder (median side {side} px <= "
+                              f"{SMALL_SIDE}): {run(a)}, {a.epochs} epochs of {n} images, about "
+                              f"{a.epochs * n} samples, on the {'GPU' if cuda else 'CPU'}")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the data: main prints its one-line message, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main, as for every other user mistake
+        raise UserError(f"{message}; see --help")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the real default of a flag of DEFAULTS and each preset's value that differs."""
+
+    def _get_help_string(self, action):
+        if action.dest not in DEFAULTS:  # a default of None is 'not given': nothing to show
+            return action.help if action.default is None else super()._get_help_string(action)
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)  # noqa: E731
+        value = DEFAULTS[action.dest]
+        value = "12, the architecture's own" if value is None else value  # --depth
+        presets = [f"{name} {show(p[action.dest])}" for name, p in PRESETS.items()
+                   if p.get(action.dest, value) != value]
+        text = f"default: {show(value)}" + (f"; presets: {', '.join(presets)}" if presets else "")
+        return f"{action.help} ({text})".replace("%", "%%")
+
+
+def ranged(kind, ok, words):
+    """An argparse type: kind(text) if finite and ok(value), else the one line naming the range."""
+    def parse(text):
+        try:
+            value = kind(text)
+            fine = (kind is int or math.isfinite(value)) and ok(value)
+        except ValueError:
+            fine = False
+        if not fine:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it takes {words}")
+        return value
+    return parse
+
+
+def true_or_false(text):
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+# The types of the numeric flags; the bounds on sizes keep every shape within int64.
+COUNT = ranged(int, lambda v: v >= 0, "0 or more")
+POSITIVE_INT = ranged(int, lambda v: v > 0, "a positive integer")
+WIDTH = ranged(int, lambda v: 0 < v <= 2 ** 24, "1 to 2^24")
+SIDE = ranged(int, lambda v: 0 < v <= 2 ** 16, "1 to 2^16 px")
+POSITIVE = ranged(float, lambda v: v > 0, "a positive number")
+NON_NEGATIVE = ranged(float, lambda v: v >= 0, "0 or more")
+FRACTION = ranged(float, lambda v: 0 <= v <= 1, "a value in [0, 1]")
+AREA = ranged(float, lambda v: 0 < v <= 1, "a value in (0, 1]")
+
+
+def build_parser():
+    p = Parser(description="PW-Self: patch-wise self-supervised ViT pretraining (DINO + patches).",
+               formatter_class=HelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="synthetic", choices=list(PRESETS),
+                   help="Dataset and preset: synthetic (the CPU demo's shapes), cifar10, in100 "
+                        "(CMC's classes), in1k, folder (train/, val/; small images: the demo's).")
+    d.add_argument("--data_path", default="data", help="Root of the dataset.")
+    d.add_argument("--download", action="store_true", help="Download CIFAR-10 if it is missing.")
+    d.add_argument("--synthetic_size", nargs=2, default=(5000, 1000), help="Train, val.",
+                   type=ranged(int, lambda v: 0 < v <= 50_000, "1 to 50000 (made in memory)"))
+    d.add_argument("--num_workers", type=COUNT, help="Data loader processes per rank.")
+    d.add_argument("--max_bad_images", type=FRACTION, default=0.01, help="Unreadable images "
+                   "tolerated in an epoch, as a fraction (each replaced by another and named).")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=list(VIT_SIZES), help="ViT-tiny, -small or -base.")
+    m.add_argument("--patch_size", type=int, choices=(4, 8, 16), help="Also the jitter's tile.")
+    m.add_argument("--depth", type=POSITIVE_INT, help="Number of transformer blocks.")
+    m.add_argument("--drop_path", help="Student's stochastic depth.",
+                   type=ranged(float, lambda v: 0 <= v < 1, "a value in [0, 1)"))
+    m.add_argument("--out_dim", help="K, the head's output size (CLS and patches).",
+                   type=ranged(int, lambda v: 2 <= v <= 2 ** 24, "2 to 2^24"))
+    m.add_argument("--head_hidden_dim", type=WIDTH, help="DINO head's MLP width.")
+    m.add_argument("--bottleneck_dim", type=WIDTH, help="DINO head's bottleneck.")
+    m.add_argument("--norm_last_layer", type=true_or_false, help="Freeze the last layer's norm.")
+    a = p.add_argument_group("augmentation and matching")
+    a.add_argument("--global_size", type=SIDE, help="Side of the 2 global views.")
+    a.add_argument("--local_size", type=SIDE, help="Side of the local views.")
+    a.add_argument("--n_local", help="Number of local views (0 allowed).",
+                   type=ranged(int, lambda v: 0 <= v <= 32, "0 to 32 (DINO and iBOT use 8-10)"))
+    a.add_argument("--global_scale", type=AREA, nargs=2, help="Crop area range, global views.")
+    a.add_argument("--local_scale", type=AREA, nargs=2, help="Crop area range, local views.")
+    a.add_argument("--blur_sigma", type=NON_NEGATIVE, nargs=2, help="Blur sigma range (0 0: off).")
+    a.add_argument("--photometric", default="patch", choices=("patch", "view"),
+                   help="patch: colour jitter, grayscale drawn per patch (PW-Self); view: (DINO).")
+    a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
+                   help="Patches matched by crop geometry (PW-Self) or feature similarity (EsViT).")
+    l = p.add_argument_group("loss")
+    l.add_argument("--patch_loss_weight", type=NON_NEGATIVE, default=1.0, help="0 is plain DINO.")
+    l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
+                   help="sum: L_image + w L_patch, each a mean; token_mean: the PW-Self code's.")
+    l.add_argument("--teacher_temp", type=POSITIVE, help="Final teacher temperature (to 0.07).")
+    l.add_argument("--warmup_teacher_temp", type=POSITIVE, help="Initial teacher temperature.")
+    l.add_argument("--warmup_teacher_temp_epochs", type=COUNT, help="Epochs of its warm-up.")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch_size", type=POSITIVE_INT, help="Global batch, split over the ranks.")
+    o.add_argument("--epochs", type=ranged(int, lambda v: 0 < v <= 10 ** 6, "1 to 10^6"),
+                   help="Training epochs (a resumed run may raise them).")
+    o.add_argument("--lr", type=POSITIVE, help="Peak lr per 256 images, scaled with the batch.")
+    o.add_argument("--min_lr", type=NON_NEGATIVE, help="Learning rate at the end.")
+    o.add_argument("--warmup_epochs", type=NON_NEGATIVE, help="Epochs of lr warm-up.")
+    o.add_argument("--weight_decay", type=NON_NEGATIVE, help="Initial weight decay.")
+    o.add_argument("--weight_decay_end", type=NON_NEGATIVE, help="Final weight decay.")
+    o.add_argument("--momentum_teacher", type=FRACTION, help="Initial teacher EMA momentum (to 1).")
+    o.add_argument("--clip_grad", type=NON_NEGATIVE, help="Per-parameter gradient clip (0: off).")
+    o.add_argument("--freeze_last_layer", type=COUNT, help="Epochs with the last layer fixed.")
+    o.add_argument("--seed", default=0, help="Seeds the model and every draw.",
+                   type=ranged(int, lambda v: -2 ** 63 <= v < 2 ** 63, "an integer of 64 bits"))
+    r = p.add_argument_group("run")
+    r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
+    r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
+    r.add_argument("--ckpt_every", type=COUNT, default=0, help="Also save every N iterations.")
+    r.add_argument("--log_every", type=POSITIVE_INT, help="Log period in iterations.")
+    r.add_argument("--knn_every", type=COUNT, help="k-NN every N epochs (0: at the end only).")
+    r.add_argument("--knn_k", type=POSITIVE_INT, nargs="+", help="k values of the k-NN.")
+    r.add_argument("--linear_iters", type=COUNT, help="The linear probe's L-BFGS iterations at "
+                   f"most a fit, for each L2 of {LINEAR_L2} (0: no probe).")
+    r.add_argument("--eval_only", action="store_true", help="Evaluate output_dir or --pretrained.")
+    r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
+    r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
+    r.add_argument("--compile", action="store_true", help="torch.compile the step's models.")
+    t = p.add_argument_group("weights (pictures and export: patchwise_tools.py)")
+    t.add_argument("--pretrained", help="Backbone weights to start from or, with --eval_only, to "
+                   "evaluate: ours, DINO's checkpoints or backbones, timm ViT state dicts.")
+    t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"))
+    t.add_argument("--trust_checkpoint", action="store_true", help="Unpickle it (DINO's files).")
+    return p
+
+
+def resolve_args(argv=None):
+    """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
+    args = build_parser().parse_args(argv)
+    preset, args.notes = PRESETS[args.data], []  # notes: what was chosen for the user, logged once
+    if args.data == "folder":
+        cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+        preset, recipe = folder_preset(args.data_path, cuda)
+    args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # by the user
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, value))
+    if args.data == "folder":
+        args.notes.append(recipe(args))
+    if args.warmup_epochs >= args.epochs and "warmup_epochs" not in args.given:  # no peak, no decay
+        args.notes.append(f"the preset's {args.warmup_epochs:g} warm-up epochs outlast --epochs "
+                          f"{args.epochs}: warm-up scaled to a tenth of the run, "
+                          f"{args.epochs / 10:g} epochs")
+        args.warmup_epochs = args.epochs / 10
+    for key in ("global_scale", "local_scale", "blur_sigma", "knn_k", "synthetic_size"):
+        setattr(args, key, tuple(getattr(args, key)))  # lists when given
+    # More loader processes than the cores this rank may use only make them fight for the cores.
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores count
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # set by torchrun
+    if args.num_workers > cores:
+        args.notes.append(f"{args.num_workers} data workers asked for, {cores} used: its cores")
+        args.num_workers = cores
+    return args
+
+
+def check_args(args):
+    """Catch the configuration mistakes that would otherwise fail deep inside a run."""
+    for name in ("global_scale", "local_scale", "blur_sigma"):  # each in range: the parser's
+        low, high = getattr(args, name)
+        if low > high:
+            raise UserError(f"--{name} {low:g} {high:g}: give the smaller value first")
+    for name in ("global_size", "local_size"):
+        size, p = getattr(args, name), args.patch_size
+        if size % p:
+            raise UserError(f"--{name} {size} is not divisible by --patch_size {p}; use a multiple "
+                            f"such as {size // p * p or p}")
+    for flag, path, folder in (("data_path", args.data != "synthetic" and args.data_path, True),
+                               ("output_dir", args.output_dir, True),
+                               ("pretrained", args.pretrained, False)):
+        check_path(f"--{flag}", path, folder)
+    world, b = int(os.environ.get("WORLD_SIZE", 1)), args.batch_size  # world: set by torchrun
+    if b % world:
+        raise UserError(f"--batch_size {b} does not split over {world} processes; use a multiple "
+                        f"of {world} such as {max(world, b // world * world)}")
+
+
+def check_path(flag, path, folder):
+    """A path of the wrong kind, a file where a folder is wanted or the reverse, named up front."""
+    if path and os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}; it takes a "
+                        f"{'folder' if folder else 'file'}")
 
 
 # The flags that size a run's memory: checked up front, named in an out-of-memory error's line.
@@ -1474,189 +1729,6 @@ def check_memory(args, device, world):
                         f"{size_flags(args, world)}; lower one of them")
 
 
-def build_models(args, device, rank, world):
-    """Student (in DDP), teacher, equal at the start, and the modules the step calls (compiled)."""
-    torch.manual_seed(args.seed)  # the same init on every rank: DDP syncs the student only
-    student = encoder_from_args(args, args.drop_path).to(device)
-    teacher = encoder_from_args(args).to(device)
-    torch.manual_seed((args.seed * 1000 + rank) % 2 ** 64)  # from here on drop path, per rank
-    if args.pretrained:
-        load_backbone(student.backbone, read_weights(args.pretrained, args.trust_checkpoint),
-                      args.pretrained, args.checkpoint_key)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        return student, teacher, torch.compile(student), torch.compile(teacher)
-    return student, teacher, student, teacher
-
-
-def resume(ckpt_path, args, student, teacher, optimizer, loss_fn, device, rank, world):
-    """Load all, this rank's RNG too for the same world size; returns (epoch, iteration)."""
-    if not os.path.exists(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-    ckpt = read_weights(ckpt_path)
-    check_same_architecture(ckpt["args"], args, ckpt_path)
-    unwrap(student).load_state_dict(ckpt["student"])
-    teacher.load_state_dict(ckpt["teacher"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loss_fn.load_state_dict(ckpt["loss"])
-    if len(ckpt["rng"]) == world:  # drop path's draws: this rank's generator, as it was
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    return ckpt["epoch"], ckpt["iteration"]
-
-
-def train(args):
-    """The whole run. Only the drivers (train, evaluate, main) and their helpers read `args`."""
-    rank, world, device, log, amp_dtype = start_run(args)
-    local_batch = args.batch_size // world
-    args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
-    check_memory(args, device, world)
-
-    # Data
-    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
-                                                       args.synthetic_size)
-    dataset = MultiViewDataset(train_base, args.seed, args.global_size, args.local_size,
-                               args.n_local, args.patch_size, args.photometric, args.global_scale,
-                               args.local_scale, args.blur_sigma)
-    sampler = EpochSampler(dataset, world, rank, args.seed, local_batch)
-    loader = torch.utils.data.DataLoader(  # its own generator: the global one drives drop path
-        dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-        generator=torch.Generator())
-    iters = len(sampler) // local_batch
-    if iters == 0:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
-                        f"{args.batch_size}; lower --batch_size")
-    eval_sets = (EvalDataset(train_base, args.global_size), EvalDataset(val_base, args.global_size))
-
-    # Models, optimiser and schedules (args.doing: what an out-of-memory error will name)
-    student, teacher, student_step, teacher_step = build_models(args, device, rank, world)
-    args.doing = f"building the schedules of --epochs {args.epochs} x {iters} iterations"
-    loss_fn = PWSelfLoss(args.out_dim, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, patch_loss_weight=args.patch_loss_weight,
-                         loss_weighting=args.loss_weighting).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student), fused=device.type == "cuda")
-    # DINO's linear scaling rule: the peak learning rate grows with the global batch.
-    lr_schedule = cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs,
-                                  iters, args.warmup_epochs)
-    wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
-    momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
-
-    # Resume
-    start_epoch, start_iter = 0, 0
-    if args.resume:
-        start_epoch, start_iter = resume(ckpt_path, args, student, teacher, optimizer, loss_fn,
-                                         device, rank, world)
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
-
-    def save(epoch, iteration):
-        state = dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict(),
-                     optimizer=optimizer.state_dict(), loss=loss_fn.state_dict(), epoch=epoch,
-                     iteration=iteration, args=vars(args), rng=rng_state(device))
-        if rank == 0:
-            save_checkpoint(state, ckpt_path)
-
-    def evaluation(label, linear):
-        args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
-        return evaluate_backbone(teacher.backbone, *eval_sets, num_classes, device, label,
-                                 args.knn_k, args.linear_iters if linear else 0, local_batch,
-                                 args.num_workers, amp_dtype, args.seed, log)
-
-    if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
-        evaluation("randomly initialised teacher", True)
-    log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: "
-        f"{len(dataset)} images, {args.epochs} epochs of {iters} iterations, global batch "
-        f"{args.batch_size} on {world} process(es), {device.type}")
-
-    # The loop: train_step's outputs summed on the device (no sync), read at log lines and epoch
-    # ends; first_bad: the first step whose loss is not finite
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    results, warned, ln_k = {}, set(), math.log(args.out_dim)
-    run_start, first_step = time.time(), start_epoch * iters + start_iter
-    for epoch in range(start_epoch, args.epochs):
-        args.doing = "a training step"
-        sampler.set_epoch(epoch, start_iter)
-        sums = torch.zeros(7, dtype=torch.float64, device=device)  # over the epoch
-        window = (sums.clone(), start_iter, time.time())  # the sums, iteration, time it began
-        image_low_high = torch.tensor([math.inf, -math.inf], device=device)  # this rank's
-        bad_images = 0  # unreadable files met this epoch (replaced by others)
-        for it, batch in enumerate(loader, start=start_iter):
-            step = epoch * iters + it
-            losses = train_step(  # (7,) loss, image, patch, teacher entropies
-                student_step, teacher_step, loss_fn, optimizer, batch, epoch=epoch,
-                lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
-                momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
-                matching=args.matching, clip_grad=args.clip_grad,
-                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(losses[0]), step, first_bad)
-            sums += losses
-            image_low_high = torch.stack([image_low_high[0].minimum(losses[1]),
-                                          image_low_high[1].maximum(losses[1])])
-            bad_images += int(batch["bad"].sum())  # a CPU tensor: no device sync
-            if (step + 1) % args.log_every == 0 or it + 1 == iters:
-                stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path)
-                n, now = it + 1 - window[1], time.time()
-                m = (all_reduce_sum(sums - window[0]) / (world * n)).tolist()  # over the window
-                speed = n * args.batch_size / max(now - window[2], 1e-9)
-                rate = f"{speed:.0f}" if speed >= 1 else f"{speed:.2g}"  # 0.25 img/s, not 0
-                eta = (now - run_start) / (step + 1 - first_step) * (args.epochs * iters - step - 1)
-                window = (sums.clone(), it + 1, now)
-                log(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{iters}  loss {m[0]:.5f} (image "
-                    f"{m[1]:.5f} patch {m[2]:.5f})  teacher entropy row/mean: cls "
-                    f"{m[3]:.2f}/{m[4]:.2f} patch {m[5]:.2f}/{m[6]:.2f} (ln K {ln_k:.2f})  lr "
-                    f"{lr_schedule[step]:.2e}  wd {wd_schedule[step]:.3g}  mom "
-                    f"{momentum_schedule[step]:.5f}  {rate} img/s  ETA "
-                    f"{datetime.timedelta(seconds=int(eta))}", flush=True)
-            if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and it + 1 < iters:
-                stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path, weights_too=True)
-                save(epoch, it + 1)
-
-        # End of the epoch: collapse check, unreadable files, checkpoint, evaluation, log.txt
-        stop_if_not_finite(first_bad, unwrap(student), step, ckpt_path, weights_too=True)
-        n = iters - start_iter
-        stats = dict(zip(LOG_KEYS, (all_reduce_sum(sums.clone()) / (world * n)).tolist()))
-        collapse = collapse_warning(image_low_high.tolist(), (sums[3:5] / n).tolist(), args.out_dim)
-        if collapse and collapse[0] not in warned:  # each kind once per run
-            warned.add(collapse[0])
-            log(collapse[1], flush=True)
-        bad_images = int(all_reduce_sum(torch.tensor([bad_images], device=device)).item())
-        seen = (iters - start_iter) * args.batch_size
-        if bad_images > args.max_bad_images * seen:
-            raise UserError(f"{bad_images} of {seen} images in epoch {epoch + 1} were unreadable, "
-                            f"over --max_bad_images {args.max_bad_images}: fix those named above")
-        start_iter = 0
-        save(epoch + 1, 0)
-        stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
-                     train_wd=float(wd_schedule[step]), epoch=epoch)
-        last = epoch + 1 == args.epochs
-        if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
-            results = evaluation("trained teacher" if last else f"teacher after epoch {epoch + 1}",
-                                 last)
-            stats.update(results)
-        if rank == 0:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(stats) + "\n")
-    return results
-
-
-def evaluate(args):
-    """--eval_only: k-NN and linear probe of the teacher in output_dir or --pretrained."""
-    rank, world, device, log, amp_dtype = start_run(args)
-    backbone, path = backbone_from_args(args, "--eval_only")
-    train_base, val_base, num_classes = build_datasets(args.data, args.data_path, args.download,
-                                                       args.synthetic_size)
-    args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
-    return evaluate_backbone(backbone.to(device), EvalDataset(train_base, args.global_size),
-                             EvalDataset(val_base, args.global_size), num_classes, device,
-                             f"teacher in {path}", args.knn_k, args.linear_iters,
-                             args.batch_size // world, args.num_workers, amp_dtype, args.seed, log)
-
-
 # ---- Main ----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -1669,9 +1741,10 @@ def main(argv=None):
         if _distributed():  # no rank tears its gloo/NCCL connections down while another uses them
             dist.barrier()
         return result
-    except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"patchwise: error: {e}", file=sys.stderr)
+    except UserError as e:  # rank 0's line, or that of the rank that alone met it (agreed_errors)
+        rank = getattr(e, "rank", 0)
+        if str(e) and int(os.environ.get("RANK", 0)) == rank:
+            print(f"patchwise: error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # out of memory, anywhere: one line, on the rank it happened on
         if args is None or not (isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError))

@@ -95,7 +95,7 @@ def show_attention(image, out_path, backbone, size=224, mass=0.6):
     the CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
     img = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
     img = TF.center_crop(img, size)
-    x = pw.normalize(TF.pil_to_tensor(img)[None].float() / 255)
+    x = pw.imagenet_normalize(TF.pil_to_tensor(img)[None].float() / 255)
     with torch.no_grad():
         # (heads, 1 + N): the CLS token's row
         attn = last_selfattention(backbone.eval(), x)[0, :, 0]

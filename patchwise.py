@@ -759,17 +759,15 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
                             "--data_path at the ImageNet-1K root or a folder of those classes")
         if int(os.environ.get("RANK", 0)) == 0:  # 100 of 100: a prepared ImageNet-100 folder
             print(f"ImageNet-100: the 100 CMC classes of the {len(present)} in {data_path}")
-    splits = []
-    for split in ("train", "val"):
-        root = os.path.join(data_path, split)
+    for root in (os.path.join(data_path, "train"), os.path.join(data_path, "val")):
         if not os.path.isdir(root):
             raise UserError(f"{root} is not a folder; --data_path must hold train/ and val/")
-        try:
-            splits.append(ClassFolder(root, classes))
-        except FileNotFoundError as e:
-            raise UserError(f"no images in {root} ({e}); ImageFolder wants one sub-folder of "
-                            f"images per class") from None
-    return splits[0], splits[1], len(splits[0].classes)
+    try:
+        train, val = (ClassFolder(os.path.join(data_path, s), classes) for s in ("train", "val"))
+    except FileNotFoundError as e:
+        raise UserError(f"no images in a folder of {data_path} ({e}); ImageFolder wants one "
+                        "sub-folder of images per class") from None
+    return train, val, len(train.classes)
 
 
 # PIL's errors for files that are corrupt, truncated or not images at all.
@@ -870,12 +868,10 @@ def progress_reporter(log, what, total, unit, every=30):
 
     def report(done):
         nonlocal last
-        now = time.time()
-        if log and now - last > every:
-            last = now
-            eta = (now - start) / done * (total - done)
-            log(f"  {what} {done}/{total} {unit}, ETA {datetime.timedelta(seconds=int(eta))}",
-                flush=True)
+        if log and time.time() - last > every:
+            last = time.time()
+            eta = datetime.timedelta(seconds=int((last - start) / done * (total - done)))
+            log(f"  {what} {done}/{total} {unit}, ETA {eta}", flush=True)
     return report
 
 
@@ -1139,21 +1135,6 @@ def load_backbone(backbone, state, source, key="teacher"):
 
 # ---- The run: training and --eval_only -----------------------------------------------------------
 
-def setup_distributed(device_arg=None):
-    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU; multi-node
-    needs nothing more), else run as one process. Returns (rank, world size, device)."""
-    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device_arg} but no GPU is visible; use --device cpu")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not _distributed():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
 def prepare_output_dir(path):
     """The checkpoint's path, in a folder made and tried now: not writable fails before training."""
     try:
@@ -1187,8 +1168,18 @@ def backbone_from_args(args, flag):
 
 
 def start_run(args):
-    """Join the processes; a log on rank 0 that starts with resolve_args' notes; bf16 on CUDA."""
-    rank, world, device = setup_distributed(args.device)
+    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU; multi-node
+    needs nothing more), else run as one process; a log on rank 0 that starts with resolve_args'
+    notes. Returns (rank, world size, device, log, autocast dtype: bf16 on CUDA, else None)."""
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} but no GPU is visible; use --device cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not _distributed():
+        dist.init_process_group("nccl" if cuda else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
     for note in args.notes:
         log(note)
@@ -1238,22 +1229,19 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
     target, batch_mean = entropy_cls
     flat_loss = 0.99 * ln_k <= image_loss_range[0] and image_loss_range[1] <= 1.01 * ln_k
     if flat_loss or target >= 0.99 * ln_k:
-        return "uniform", (
-            f"warning: collapse: the teacher's CLS targets are uniform (image loss or their "
-            f"entropy within 1% of ln K = {ln_k:.3f} for an epoch): try more --epochs, then a "
-            f"lower --teacher_temp or --out_dim")
+        return "uniform", ("warning: collapse: uniform CLS targets (image loss or their entropy "
+                           f"within 1% of ln K = {ln_k:.3f} for an epoch): try more --epochs, "
+                           "then a lower --teacher_temp or --out_dim")
     if batch_mean < math.log(2):
-        return "one dimension", (
-            f"warning: collapse: the teacher's CLS targets all peak on one dimension (entropy of "
-            f"their batch mean {batch_mean:.2f} < ln 2): raise --teacher_temp towards 0.07, or "
-            f"lower --lr")
+        return "one dimension", ("warning: collapse: all CLS targets peak on one dimension "
+                                 f"(entropy of their batch mean {batch_mean:.2f} < ln 2): raise "
+                                 "--teacher_temp towards 0.07, or lower --lr")
     # batch mean - target: what the targets tell apart, a few nats when healthy, near 0 when every
     # image gets the same target (near ln K, the uniform case above)
     if batch_mean - target < 0.05 and target < 0.95 * ln_k:
-        return "constant", (
-            f"warning: collapse: the teacher gives every image nearly the same CLS target "
-            f"(entropy of the batch mean {batch_mean:.2f}, of a target {target:.2f}): raise "
-            f"--momentum_teacher to 0.996, or lower --lr")
+        return "constant", ("warning: collapse: nearly the same CLS target for every image "
+                            f"(entropy of the batch mean {batch_mean:.2f}, of a target "
+                            f"{target:.2f}): raise --momentum_teacher to 0.996, or lower --lr")
     return None
 
 
@@ -1335,10 +1323,10 @@ def train(args):
     with agreed_errors(device):  # what one node may lack: a folder, memory, the data, a file
         args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
         check_memory(args, device, world)
-        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
         ckpt = read_checkpoint(ckpt_path, args) if args.resume else None
         pretrained = None if not args.pretrained else read_weights(args.pretrained,
                                                                    args.trust_checkpoint)
+        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
 
     # Data
     dataset = MultiViewDataset(datasets[0], args.seed, args.global_size, args.local_size,

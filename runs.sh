@@ -9,7 +9,9 @@
 # Set through the environment:
 #   DATA_ROOT   holds cifar10/ and imagenet/{train,val}; ImageNet-100 is CMC's 100 classes of
 #               imagenet/, read in place                                        (default: data)
-#   OUT         where each run writes its checkpoint.pth and log.txt            (default: runs)
+#   OUT         where each run writes its checkpoint.pth and log.txt            (default: runs);
+#               with NNODES above 1, on a filesystem every node sees: only global rank 0 writes
+#               the checkpoint, and each node decides --resume by looking for it there
 #   NGPUS       GPUs per node                                                   (default: 8)
 #   NNODES      nodes; above 1 also set NODE_RANK and RDZV_ENDPOINT=host:port on every node
 set -euo pipefail

@@ -44,6 +44,14 @@ def test_vit_runs_any_divisible_side_through_the_interpolated_position_embedding
     assert out.shape == (2, 1 + g * g, 192) and torch.allclose(out, ref, atol=1e-5)
 
 
+def test_position_embedding_is_resized_for_a_grid_of_another_shape_with_as_many_tokens():
+    vit = pw.vit_tiny(patch_size=16, depth=1, img_size=224).eval()  # a 14 x 14 table
+    x = torch.randn(1, 3, 112, 448)  # a 7 x 28 grid: 196 patches, as many as the table holds
+    patches = vit.patch_embed(x).flatten(2).transpose(1, 2)  # (1, 196, D)
+    expected = torch.cat([vit.cls_token, patches], dim=1) + pw.interpolate_pos_embed(vit.pos_embed, (7, 28))
+    assert torch.allclose(vit.prepare_tokens(x), expected, atol=1e-6)
+
+
 def test_sdpa_attention_equals_explicit_softmax_in_float64():
     torch.manual_seed(0)
     attn = pw.Attention(dim=48, num_heads=3)
@@ -886,8 +894,30 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, capsys):
     pw.main(TINY + ["--epochs", "2", "--output_dir", out, "--resume"])
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "epoch 1, iteration 0" in printed
+    assert "schedules recomputed for 2 epochs" in printed  # the one flag that may change: longer
     assert "randomly initialised" not in printed and "epoch 1/2" not in printed and "epoch 2/2" in printed
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.txt"))] == [0, 1]
+
+
+def test_resume_refuses_every_changed_flag_that_would_change_the_run_and_names_both_values(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", out])
+    capsys.readouterr()
+    changed = ["--batch_size", "8", "--seed", "3", "--photometric", "view", "--global_scale", "0.5", "1",
+               "--teacher_temp", "0.05", "--data", "folder", "--synthetic_size", "96", "20"]
+    with pytest.raises(SystemExit) as stop:
+        pw.main(TINY + ["--epochs", "2", "--resume", "--output_dir", out, "--data_path", str(tmp_path)] + changed)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    for words in ("--batch_size 16 (checkpoint) vs 8 (now)", "--seed 0 (checkpoint) vs 3 (now)",
+                  "--photometric patch (checkpoint) vs view (now)", "--global_scale (0.4, 1.0) (checkpoint) vs (0.5, 1.0)",
+                  "--teacher_temp 0.04 (checkpoint) vs 0.05", "--data synthetic (checkpoint) vs folder",
+                  "--synthetic_size (96, 40) (checkpoint) vs (96, 20)"):
+        assert words in lines[0], (words, lines[0])
+    assert "--epochs" not in lines[0] and "--data_path" not in lines[0]
+    # where the data lies, how it is loaded, logged and evaluated may change
+    pw.main(TINY + ["--epochs", "1", "--resume", "--output_dir", out, "--num_workers", "1", "--log_every", "5",
+                    "--knn_k", "3", "--linear_iters", "10", "--data_path", str(tmp_path)])
 
 
 def test_similarity_matching_and_dino_mode_train(tmp_path):
@@ -1063,6 +1093,54 @@ def test_non_finite_loss_stops_with_the_iteration_and_keeps_a_good_checkpoint(tm
     assert all(f in r.stderr for f in ("--lr,", "--min_lr,", "--weight_decay(_end)", "--teacher_temp")), r.stderr
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["iteration"] == 2
     assert all(t.isfinite().all() for t in _states(tmp_path / "checkpoint.pth").values())
+
+
+# Run by torchrun in the tests below: patchwise with one rank (RANK_ALONE) meeting what the others do
+# not: a non-finite loss from its third step (nan), or a data folder missing on its node (no_data).
+RANK_ALONE = """
+import os, sys
+sys.path.insert(0, {here!r})
+import patchwise as pw
+alone = os.environ["RANK"] == os.environ["RANK_ALONE"]
+if os.environ["WHAT"] == "nan" and alone:
+    real_step, calls = pw.train_step, []
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        out = real_step(*args, **kwargs)
+        return out * float("nan") if len(calls) >= 3 else out
+    pw.train_step = train_step
+if os.environ["WHAT"] == "no_data" and alone:
+    real_build = pw.build_datasets
+    pw.build_datasets = lambda data, path, *a: real_build(data, path + "_not_on_this_node", *a)
+pw.main(sys.argv[1:])
+"""
+
+
+def _run_with_one_rank_alone(tmp_path, what, rank, argv):
+    script = tmp_path / "rank_alone.py"
+    script.write_text(RANK_ALONE.format(here=HERE))
+    return _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + argv,
+                env={"WHAT": what, "RANK_ALONE": str(rank)})
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step_with_one_line(tmp_path):
+    r = _run_with_one_rank_alone(tmp_path, "nan", 1, TINY + ["--epochs", "2", "--log_every", "1", "--no_initial_knn",
+                                                            "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("patchwise: error:")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
+    assert "loss became non-finite at iteration 2 of the run" in lines[0] and "rank" not in lines[0]
+    assert 'patchwise.py", line' not in r.stderr  # no traceback through patchwise (torchrun prints its own)
+    # both ranks stopped there: rank 0, whose own loss stayed finite, logged its last line at iteration 2
+    assert [line.split("  loss")[0] for line in r.stdout.splitlines() if line.startswith("epoch")][-1] == "epoch 1/2 it 2/6"
+
+
+def test_an_error_that_one_rank_alone_meets_is_printed_once_with_its_rank(tmp_path):
+    _write_image_folder(tmp_path / "data")
+    r = _run_with_one_rank_alone(tmp_path, "no_data", 1, FOLDER_RUN + [
+        "--data_path", str(tmp_path / "data"), "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("patchwise: error:")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("patchwise: error: rank 1: --data_path") and "_not_on_this_node does not exist" in lines[0]
 
 
 def test_more_user_mistakes_are_named_with_their_fix(tmp_path):
@@ -1336,22 +1414,65 @@ def test_imagenet_presets_train_and_evaluate_at_their_real_geometry(data, imagen
     assert args["warmup_epochs"] == 0.1 and "warm-up scaled to a tenth of the run" in said
 
 
-def test_cifar10_preset_trains_through_torchvisions_loader(tmp_path, monkeypatch):
+def _cifar10_stand_in(root):
+    """CIFAR-10's python layout (rows of 3 x 32 x 32 bytes) with 10 train and 10 test images."""
     import pickle
-    import torchvision.datasets.cifar as cifar
-    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 10)]:
-        with open(folder / name, "wb") as f:  # CIFAR-10's python layout: rows of 3 x 32 x 32 bytes
+        with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
                          "labels": list(rng.integers(0, 10, n))}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class {i}" for i in range(10)]}, f)
-    # the real files' checksums are fixed: these stand-ins pass torchvision's check by existing
-    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+# The real files' checksums are fixed: the stand-ins pass torchvision's check by existing.
+CIFAR10_STAND_IN_CHECK = "lambda path, md5=None: os.path.isfile(path)"
+
+
+def test_cifar10_preset_trains_through_torchvisions_loader(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    _cifar10_stand_in(tmp_path / "cifar10")
+    monkeypatch.setattr(cifar, "check_integrity", eval(CIFAR10_STAND_IN_CHECK))
     _rehearse(["--data", "cifar10", "--data_path", str(tmp_path / "cifar10"), "--download"], tmp_path / "out",
               ("vit_small", 4, 32, 16, 8, 4096))
+
+
+# Trains and evaluates each run of argv (a JSON list) with data workers started by a start method
+# that this machine's Python does not use by default: spawn (macOS, Windows), forkserver (3.14).
+START_METHOD = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, {here!r})
+import torchvision.datasets.cifar
+torchvision.datasets.cifar.check_integrity = {check}
+import patchwise
+if __name__ == "__main__":  # a spawned worker imports this file again: it must not train
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    for argv in json.loads(sys.argv[2]):
+        patchwise.main(argv)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_every_dataset_trains_and_evaluates_with_workers_under_spawn_and_forkserver(method, imagenet_root, tmp_path):
+    _cifar10_stand_in(tmp_path / "cifar10")
+    _write_image_folder(tmp_path / "folder")
+    small = ["--arch", "vit_tiny", "--depth", "1", "--patch_size", "8", "--global_size", "32", "--local_size", "16",
+             "--n_local", "2", "--out_dim", "64", "--head_hidden_dim", "32", "--bottleneck_dim", "16",
+             "--batch_size", "4", "--epochs", "1", "--num_workers", "1", "--knn_k", "3", "--linear_iters", "10",
+             "--no_initial_knn", "--device", "cpu"]
+    runs = {"synthetic": ["--synthetic_size", "32", "16"], "cifar10": ["--data_path", str(tmp_path / "cifar10")],
+            "folder": ["--data_path", str(tmp_path / "folder")], "in100": ["--data_path", str(imagenet_root)]}
+    argv = [["--data", data, "--output_dir", str(tmp_path / data)] + extra + small for data, extra in runs.items()]
+    script = tmp_path / "start_method.py"
+    script.write_text(START_METHOD.format(here=HERE, check=CIFAR10_STAND_IN_CHECK))
+    r = _run([str(script), method, json.dumps(argv)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for data in runs:
+        log = json.loads(open(tmp_path / data / "log.txt").read())
+        assert math.isfinite(log["train_loss"]) and 0 <= log["knn_top1_k3"] <= 100 and "linear_top1" in log, data
 
 
 def test_a_folder_of_large_photos_gets_the_imagenet_recipe_and_trains(tmp_path):
@@ -1374,6 +1495,18 @@ def test_a_bf16_autocast_step_stays_finite_and_close_to_float32():
     assert (bf - f32).abs().max() < 0.05, (bf, f32)
     for a, b in ((cbf, c32), (pbf, p32)):
         assert (a - b).norm() < 0.05 * b.norm(), ((a - b).norm(), b.norm())
+
+
+def test_under_autocast_the_teacher_runs_in_float16_and_the_student_in_the_runs_dtype():
+    # bf16 rounds a logit near 1 by up to 0.004, 0.1 after the teacher's division by 0.04: targets
+    # ~65x further (KL) from float32's than fp16's, DINO's precision (docs/experiments.md)
+    (batch,), dtypes = _synthetic_batches(1), {}
+    student, teacher, loss_fn, opt = _tiny_models(64, 1, 32, 16)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.head.register_forward_hook(lambda m, i, out, name=name: dtypes.update({name: out.dtype}) and None)
+    out = pw.train_step(student, teacher, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9,
+                        patch_size=8, amp_dtype=torch.bfloat16)
+    assert dtypes == {"teacher": torch.float16, "student": torch.bfloat16} and out.isfinite().all()
 
 
 def test_runs_sh_two_node_launch_gives_the_teacher_of_one_process(tmp_path):

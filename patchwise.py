@@ -118,9 +118,8 @@ class Block(nn.Module):
 def interpolate_pos_embed(pos_embed, grid):
     """Resize a (1, 1 + h*w, D) position embedding to a (gh, gw) patch grid, bicubic, CLS kept."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    n, dim = patch_pos.shape[1], patch_pos.shape[2]
-    side = int(math.sqrt(n))
-    assert side * side == n, f"position embedding of {n} patches is not a square grid"
+    side, dim = math.isqrt(patch_pos.shape[1]), patch_pos.shape[2]
+    assert side * side == patch_pos.shape[1], "the position embedding is not of a square grid"
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
     patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic",
                               align_corners=False)
@@ -543,7 +542,7 @@ def entropies(q):
     collapse: both near ln K; collapse on one dimension: both near 0."""
     n = max(len(q), 1)
     mean = q.sum(0) / n  # (K,)
-    return torch.stack([-torch.xlogy(q, q).sum() / n, -torch.xlogy(mean, mean).sum()])  # 0 log 0 = 0
+    return torch.stack([-torch.xlogy(q, q).sum() / n, -torch.xlogy(mean, mean).sum()])  # 0 log 0: 0
 
 
 # ---- The training step: augment, forward, match, loss, backward, EMA -----------------------------
@@ -859,7 +858,7 @@ class EvalDataset(torch.utils.data.Dataset):
         return TF.pil_to_tensor(img), label, index
 
 
-# ---- Evaluation: k-NN and linear probe of a frozen backbone (DINO's protocols) -------------------
+# ---- Evaluation: DINO's k-NN and CLIP's linear probe of a frozen backbone -----------------------
 
 def progress_reporter(log, what, total, unit, every=30):
     """report(done) logs '  what done/total unit, ETA h:mm:ss' at most every `every` seconds, so
@@ -919,11 +918,11 @@ def extract_features(backbone, dataset, batch_size, device, num_workers=0, amp_d
         out["index"].append(idx.to(device))
         if linear:
             pooled = [blocks[-1][:, 1:].mean(dim=1)] if linear[1] else []
-            out["linear"].append(torch.cat([t[:, 0] for t in blocks] + pooled, dim=1).half())  # (B, F)
+            out["linear"].append(torch.cat([t[:, 0] for t in blocks] + pooled, 1).half())  # (B, F)
         report(b + 1)
     backbone.train(was_training)
     out = {key: torch.cat(t) for key, t in out.items() if t}
-    for key, t in out.items() if world > 1 else ():  # DistributedSampler pads: equal counts
+    for key, t in out.items() if world > 1 else []:  # DistributedSampler pads: equal counts
         gathered = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(gathered, t)
         out[key] = torch.cat(gathered)
@@ -1039,12 +1038,14 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
                       log=print):
     """k-NN for each k in ks and, if linear_iters, the linear probe of a frozen backbone on the
     EvalDatasets (train, val), a log line each. Returns {'knn_top1_k20': .., 'linear_top1': ..}."""
-    # DINO's eval_linear: the CLS of the last 4 blocks up to ViT-S; the last's and its mean patch, B
-    protocol = ((1, True) if backbone.embed_dim >= 768 else (4, False)) if linear_iters else None
+    protocol = None  # the probe's features as DINO's eval_linear: (last blocks' CLS, mean patch)
+    if linear_iters:  # the CLS of the last 4 blocks up to ViT-S; for ViT-B the last's, mean patch
+        protocol = (1, True) if backbone.embed_dim >= 768 else (4, False)
     (train_f, train_y, train_l), (val_f, val_y, val_l) = (
         extract_features(backbone, s, batch_size, device, num_workers, amp_dtype, log, protocol)
         for s in (train_set, val_set))
-    num_classes, results = num_classes or int(max(train_y.max(), val_y.max())) + 1, {}
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    results = {}
     for k in ks:
         top1, top5 = knn_classify(train_f, train_y, val_f, val_y, k, num_classes=num_classes)
         results[f"knn_top1_k{k}"], results[f"knn_top5_k{k}"] = top1, top5
@@ -1269,7 +1270,7 @@ def build_models(args, device, rank, world, pretrained=None):
     student = encoder_from_args(args, args.drop_path).to(device)
     teacher = encoder_from_args(args).to(device)
     torch.manual_seed((args.seed * 1000 + rank) % 2 ** 64)  # from here on drop path, per rank
-    if pretrained is not None:
+    if pretrained:
         load_backbone(student.backbone, pretrained, args.pretrained, args.checkpoint_key)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -1305,11 +1306,10 @@ def resume(ckpt, student, teacher, optimizer, loss_fn, device, rank, world):
     return ckpt["epoch"], ckpt["iteration"]
 
 
-def evaluate_teacher(args, backbone, datasets, device, label, linear, amp_dtype, log):
+def evaluate_teacher(args, backbone, datasets, world, device, label, linear, amp_dtype, log):
     """evaluate_backbone with args' flags; datasets: build_datasets' (train, val, classes)."""
     train_base, val_base, num_classes = datasets
     args.doing = f"the teacher's evaluation on the features of {len(train_base)} images"
-    world = dist.get_world_size() if _distributed() else 1
     return evaluate_backbone(backbone, EvalDataset(train_base, args.global_size),
                              EvalDataset(val_base, args.global_size), num_classes, device, label,
                              args.knn_k, args.linear_iters if linear else 0,
@@ -1324,8 +1324,7 @@ def train(args):
         args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
         check_memory(args, device, world)
         ckpt = read_checkpoint(ckpt_path, args) if args.resume else None
-        pretrained = None if not args.pretrained else read_weights(args.pretrained,
-                                                                   args.trust_checkpoint)
+        pretrained = args.pretrained and read_weights(args.pretrained, args.trust_checkpoint)
         datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
 
     # Data
@@ -1373,8 +1372,8 @@ def train(args):
             save_checkpoint(state, ckpt_path)
 
     if start_epoch == 0 and start_iter == 0 and not args.no_initial_knn:
-        evaluate_teacher(args, teacher.backbone, datasets, device, "randomly initialised teacher",
-                         True, amp_dtype, log)
+        evaluate_teacher(args, teacher.backbone, datasets, world, device,
+                         "randomly initialised teacher", True, amp_dtype, log)
     log(f"training {args.arch}/{args.patch_size} (depth {args.depth or 12}) on {args.data}: "
         f"{len(dataset)} images, {args.epochs} epochs of {iters} iterations, global batch "
         f"{args.batch_size} on {world} process(es), {device.type}")
@@ -1443,8 +1442,8 @@ def train(args):
         last = epoch + 1 == args.epochs
         if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
             label = "trained teacher" if last else f"teacher after epoch {epoch + 1}"
-            results = evaluate_teacher(args, teacher.backbone, datasets, device, label, last,
-                                       amp_dtype, log)
+            results = evaluate_teacher(args, teacher.backbone, datasets, world, device, label,
+                                       last, amp_dtype, log)
             stats.update(results)
         if rank == 0:
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
@@ -1458,8 +1457,8 @@ def evaluate(args):
     with agreed_errors(device):  # what one node may lack: the weights, the data
         backbone, path = backbone_from_args(args, "--eval_only")
         datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
-    return evaluate_teacher(args, backbone.to(device), datasets, device, f"teacher in {path}",
-                            True, amp_dtype, log)
+    return evaluate_teacher(args, backbone.to(device), datasets, world, device,
+                            f"teacher in {path}", True, amp_dtype, log)
 
 
 # ---- The command line: flags, presets, checks ----------------------------------------------------
@@ -1702,9 +1701,12 @@ def check_memory(args, device, world):
     """Refuse a training step that can never fit: a lower bound from, per token of an image's views,
     the activations kept for backward (the head's hidden layers in bf16, its outputs and the blocks'
     residual stream in float32), and 20 bytes a weight (two models, gradient, AdamW's moments)."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a node's processes share it
-    where, total = (("GPU", torch.cuda.get_device_properties(device).total_memory) if device.type ==
-                    "cuda" else ("host", host // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if device.type == "cuda":
+        where, total = "GPU", torch.cuda.get_device_properties(device).total_memory
+    else:  # the host's memory, shared by the node's processes
+        where = "host"
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     p, D, depth = args.patch_size, VIT_SIZES[args.arch][0], args.depth or 12
     H, Bn, K = args.head_hidden_dim, args.bottleneck_dim, args.out_dim
     tokens = 2 * ((args.global_size // p) ** 2 + 1)  # the global views', then the locals'
@@ -1739,8 +1741,9 @@ def main(argv=None):
                                 or "DefaultCPUAllocator" in str(e)):
             raise
         where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
-        saved = f"--resume goes on from {args.checkpoint}" if args.checkpoint and os.path.exists(
-            args.checkpoint) else "nothing was saved"
+        saved = "nothing was saved"
+        if args.checkpoint and os.path.exists(args.checkpoint):
+            saved = f"--resume goes on from {args.checkpoint}"
         print(f"patchwise: error: out of {where} memory during {args.doing} ("
               f"{size_flags(args, int(os.environ.get('WORLD_SIZE', 1)))}); lower one of them; "
               f"{saved}", file=sys.stderr)

@@ -216,9 +216,9 @@ def bench_step(device, arch, depth, patch, global_size, local_size, n_local, K, 
 
 
 def step_memory_child(variant, batch):
-    """Run in a fresh process by bench_step_memory: two bf16-autocast training steps of ViT-S/16 at
-    224/96 px, K 8192, on the CPU; prints the process's RSS before the first step and at its peak,
-    in MiB, as JSON."""
+    """Run in a fresh process by bench_step_memory: two autocast training steps (the student in
+    bf16, the teacher in fp16, as on CUDA) of ViT-S/16 at 224/96 px, K 8192, on the CPU; prints the
+    process's RSS before the first step and at its peak, in MiB, as JSON."""
     import resource
     step, _, _ = build_variant(variant, torch.device("cpu"), "vit_small", 12, 16, 224, 96, 8, 8192, (2048, 256), batch,
                                torch.bfloat16)

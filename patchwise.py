@@ -1478,7 +1478,7 @@ def folder_preset(data_path, cuda):
             try:
                 with Image.open(path) as img:
                     sides.append(min(img.size))
-            except (OSError, ValueError, SyntaxError):
+            except UNREADABLE:  # the median of the others decides
                 pass
     side = sorted(sides)[len(sides) // 2] if sides else None
     run = lambda a: f"{a.arch}/{a.patch_size} at {a.global_size}/{a.local_size} px"  # noqa: E731
@@ -1494,7 +1494,8 @@ def folder_preset(data_path, cuda):
 
 
 class UserError(Exception):
-    """A mistake in the command line or the data: main prints its one-line message, no traceback."""
+    """A mistake in the command line or the data: main prints its one-line message, no traceback,
+    on rank 0 or on the rank set in .rank (agreed_errors); an empty message prints nothing."""
 
 
 class Parser(argparse.ArgumentParser):

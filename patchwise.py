@@ -121,8 +121,7 @@ def interpolate_pos_embed(pos_embed, grid):
     side, dim = math.isqrt(patch_pos.shape[1]), patch_pos.shape[2]
     assert side * side == patch_pos.shape[1], "the position embedding is not of a square grid"
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, h, w)
-    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic",
-                              align_corners=False)
+    patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="bicubic")
     patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, N, D)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
@@ -706,8 +705,7 @@ IMAGENET100_CLASSES = tuple("""
 
 def load_image(path):
     """Any image file as 8-bit RGB; 16- and 32-bit images scaled, where PIL's convert saturates."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
+    with Image.open(path) as img:
         img.load()  # decode now, so a truncated file fails here and not mid-augmentation
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
@@ -1065,7 +1063,6 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
 
 # ---- Weights in and out: checkpoints, and backbones in DINO's and timm's layouts -----------------
 
-ARCH_FLAGS = ("arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "bottleneck_dim")
 # What a resumed run must share with its checkpoint to go on as the same run: every flag that
 # changes what it computes, but --epochs (longer: the schedules are recomputed, as DINO allows)
 # and where the data lies, how it is loaded, logged and evaluated.
@@ -1089,7 +1086,8 @@ def read_weights(path, trust=False):
     """torch.load with the safe loader, which reads our checkpoints; a file that needs unpickling
     (DINO's checkpoints hold an argparse.Namespace) only when trusted; one line if unreadable."""
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; pass the path of a checkpoint or weights file")
+        raise UserError(f"{path} does not exist; point --pretrained at a weights file or "
+                        "--output_dir at a training run")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # torch's types for these differ across versions: its words do not
@@ -1100,30 +1098,32 @@ def read_weights(path, trust=False):
                         "args so); if you trust the file, add --trust_checkpoint") from None
 
 
-def check_same_flags(saved, args, flags, path):
-    """One line naming every flag of `flags` whose value differs from the checkpoint's args."""
+def read_checkpoint(path, args):
+    """The checkpoint --resume goes on from; one line naming every flag of RUN_FLAGS whose value
+    differs from the checkpoint's run, but a warm-up the user did not set: it follows --epochs."""
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    ckpt = read_weights(path)
+    flags = [k for k in RUN_FLAGS if k != "warmup_epochs" or k in args.given]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
     diff = [f"--{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in flags
-            if (tuple(saved[k]) if isinstance(saved.get(k), list) else saved.get(k))
-            != getattr(args, k)]
+            if saved.get(k) != getattr(args, k)]
     if diff:
         raise UserError(f"{path} was trained with other flags: {', '.join(diff)}; pass the "
                         "checkpoint's values or another --output_dir")
+    return ckpt
 
 
-def backbone_state_dict(state, key="teacher"):
-    """The bare ViT weights of our checkpoints (`key`: teacher or student), DINO's (maybe
-    'module.'-prefixed), DINO's backbone files and timm ViTs (head dropped)."""
+def load_backbone(backbone, state, source, key="teacher"):
+    """Load into a ViT the backbone of our checkpoints (`key`: teacher or student), of DINO's (maybe
+    'module.'-prefixed), DINO's backbone files or timm's ViTs, the position embedding resized to
+    its grid; one line on a misfit."""
     state = next((state[k] for k in (key, "model", "state_dict") if isinstance(state.get(k), dict)),
                  state)
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
     # without DINO's head or timm's classifier
-    return {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
-
-
-def load_backbone(backbone, state, source, key="teacher"):
-    """Load weights into a ViT, the position embedding resized to its grid; one line on a misfit."""
-    state, own = backbone_state_dict(state, key), backbone.state_dict()
-    pos, own_pos = state.get("pos_embed"), own["pos_embed"].shape
+    state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
+    pos, own_pos = state.get("pos_embed"), backbone.state_dict()["pos_embed"].shape
     if pos is not None and pos.shape != own_pos and pos.shape[-1] == own_pos[-1]:
         state["pos_embed"] = interpolate_pos_embed(pos, [math.isqrt(own_pos[1] - 1)] * 2)
     try:
@@ -1153,18 +1153,12 @@ def encoder_from_args(args, drop_path=0.0):
                          args.norm_last_layer)
 
 
-def backbone_from_args(args, flag):
+def backbone_from_args(args):
     """The backbone of --eval_only and patchwise_tools.py: --pretrained, else the
-    --checkpoint_key network of output_dir/checkpoint.pth. Returns it and its file."""
-    backbone = encoder_from_args(args).backbone
+    --checkpoint_key network of output_dir/checkpoint.pth (a misfit to the flags: one line)."""
     path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
-    if not args.pretrained and not os.path.exists(path):
-        raise UserError(f"{flag}: no checkpoint at {path}; point --output_dir at a training run or "
-                        "pass --pretrained")
-    state = read_weights(path, args.trust_checkpoint)
-    if not args.pretrained:
-        check_same_flags(state["args"], args, ARCH_FLAGS, path)
-    load_backbone(backbone, state, path, args.checkpoint_key)
+    backbone = encoder_from_args(args).backbone
+    load_backbone(backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
     return backbone, path
 
 
@@ -1206,16 +1200,6 @@ def agreed_errors(device):
             error.rank = failed[0]
     if error:
         raise error
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    states = [state] * (dist.get_world_size() if _distributed() else 1)
-    if _distributed():  # drop path draws differ per rank: keep every rank's generator
-        dist.all_gather_object(states, state)
-    return states
 
 
 LOG_KEYS = ("train_loss", "train_loss_image", "train_loss_patch",  # log.txt, one line an epoch
@@ -1282,30 +1266,6 @@ def build_models(args, device, rank, world, pretrained=None):
     return student, teacher, student, teacher
 
 
-def read_checkpoint(path, args):
-    """The checkpoint --resume goes on from; one line if its run's flags differ from args'."""
-    if not os.path.exists(path):
-        raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
-    ckpt = read_weights(path)
-    # a warm-up the user did not set follows --epochs (resolve_args), which may grow on a resume
-    flags = [k for k in RUN_FLAGS if k != "warmup_epochs" or k in args.given]
-    check_same_flags(ckpt["args"], args, flags, path)
-    return ckpt
-
-
-def resume(ckpt, student, teacher, optimizer, loss_fn, device, rank, world):
-    """Load all, this rank's RNG too for the same world size; returns (epoch, iteration)."""
-    unwrap(student).load_state_dict(ckpt["student"])
-    teacher.load_state_dict(ckpt["teacher"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loss_fn.load_state_dict(ckpt["loss"])
-    if len(ckpt["rng"]) == world:  # drop path's draws: this rank's generator, as it was
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    return ckpt["epoch"], ckpt["iteration"]
-
-
 def evaluate_teacher(args, backbone, datasets, world, device, label, linear, amp_dtype, log):
     """evaluate_backbone with args' flags; datasets: build_datasets' (train, val, classes)."""
     train_base, val_base, num_classes = datasets
@@ -1356,18 +1316,31 @@ def train(args):
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
 
     start_epoch, start_iter = 0, 0
-    if ckpt:
-        start_epoch, start_iter = resume(ckpt, student, teacher, optimizer, loss_fn, device, rank,
-                                         world)
+    if ckpt:  # all of it, this rank's RNG too (drop path's draws) when the world size is the same
+        unwrap(student).load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_fn.load_state_dict(ckpt["loss"])
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
         if ckpt["args"]["epochs"] != args.epochs:
             log(f"--epochs {args.epochs}, the checkpoint's {ckpt['args']['epochs']}: the lr, "
                 f"weight decay and teacher momentum schedules recomputed for {args.epochs} epochs")
 
     def save(epoch, iteration):
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rngs = [rng] * world  # drop path's draws differ per rank: every rank's generator
+        if world > 1:
+            dist.all_gather_object(rngs, rng)
         state = dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict(),
                      optimizer=optimizer.state_dict(), loss=loss_fn.state_dict(), epoch=epoch,
-                     iteration=iteration, args=vars(args), rng=rng_state(device))
+                     iteration=iteration, args=vars(args), rng=rngs)
         if rank == 0:
             save_checkpoint(state, ckpt_path)
 
@@ -1455,7 +1428,7 @@ def evaluate(args):
     """--eval_only: k-NN and linear probe of the teacher in output_dir or --pretrained."""
     rank, world, device, log, amp_dtype = start_run(args)
     with agreed_errors(device):  # what one node may lack: the weights, the data
-        backbone, path = backbone_from_args(args, "--eval_only")
+        backbone, path = backbone_from_args(args)
         datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     return evaluate_teacher(args, backbone.to(device), datasets, world, device,
                             f"teacher in {path}", True, amp_dtype, log)

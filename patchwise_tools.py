@@ -141,7 +141,7 @@ def main(argv=None):
         for flag in ("show_matching", "show_attention", "out", "export_backbone"):  # all files
             pw.check_path(f"--{flag}", getattr(tool, flag), folder=False)
         if tool.export_backbone:
-            backbone, path = pw.backbone_from_args(args, "--export_backbone")
+            backbone, path = pw.backbone_from_args(args)
             torch.save(backbone.state_dict(), tool.export_backbone)
             print(f"wrote the teacher backbone of {path} to {tool.export_backbone}")
             return
@@ -162,7 +162,7 @@ def main(argv=None):
             print(f"{len(pairs)} of {gs * gs} student patches matched: " + ", ".join(
                 f"{divmod(n, gs)}->{divmod(t, gt)}" for n, t in pairs))
         else:
-            backbone, _ = pw.backbone_from_args(args, "--show_attention")
+            backbone, _ = pw.backbone_from_args(args)
             show_attention(image, tool.out, backbone, glob)
         print(f"wrote {tool.out}")
     except pw.UserError as e:

@@ -1353,7 +1353,12 @@ def test_compiled_step_gives_the_eager_losses():
             if compile_:
                 pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
             raise
-    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) < 1e-5, losses
+    # The first step's loss is the forward alone: equal up to float32 rounding. After an update,
+    # AdamW's division by sqrt(v) turns the rounding of near-zero gradients into lr-sized steps
+    # (torch 2.4's compiled backward: 1.1e-5 relative by the second step), a broken graph far more.
+    eager, compiled = losses
+    assert abs(eager[0] - compiled[0]) / eager[0] < 1e-6, losses
+    assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled)) < 1e-4, losses
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1347,18 +1347,15 @@ def test_compiled_step_gives_the_eager_losses():
         student, teacher, loss_fn, opt = _tiny_models(64, 1, 32, 16)
         s, t = (torch.compile(student), torch.compile(teacher)) if compile_ else (student, teacher)
         try:
-            losses.append([pw.train_step(s, t, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9,
+            # lr 1e-4: AdamW's division by sqrt(v) turns the rounding of near-zero gradients into
+            # lr-sized steps, and compiled kernels round otherwise (torch 2.4 at lr 1e-3: 1.1e-5)
+            losses.append([pw.train_step(s, t, loss_fn, opt, batch, epoch=0, lr=1e-4, wd=0.04, momentum=0.9,
                                          patch_size=8)[0].item() for batch in batches])
         except Exception as e:  # no working compiler toolchain on this machine
             if compile_:
                 pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
             raise
-    # The first step's loss is the forward alone: equal up to float32 rounding. After an update,
-    # AdamW's division by sqrt(v) turns the rounding of near-zero gradients into lr-sized steps
-    # (torch 2.4's compiled backward: 1.1e-5 relative by the second step), a broken graph far more.
-    eager, compiled = losses
-    assert abs(eager[0] - compiled[0]) / eager[0] < 1e-6, losses
-    assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled)) < 1e-4, losses
+    assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) < 1e-5, losses
 
 
 # ------------------------------------------------------------------------------------------------

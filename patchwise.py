@@ -180,9 +180,6 @@ def vit(arch, patch_size=16, drop_path_rate=0.0, depth=12, img_size=224):
     return VisionTransformer(img_size, patch_size, dim, depth, heads, drop_path_rate=drop_path_rate)
 
 
-vit_tiny, vit_small, vit_base = (functools.partial(vit, arch) for arch in VIT_SIZES)
-
-
 class WeightNormLinear(nn.Module):
     """weight = g v / ||v|| per output row, no bias; named as torch's weight_norm, as in DINO."""
 
@@ -602,9 +599,12 @@ def prepare_views(batch, device):
 
 
 def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, momentum, patch_size,
-               matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None):
-    """One PW-Self iteration: augment, forward, match patches, loss, backward, AdamW, EMA. Returns
-    float32 (7,) on the device (no sync): the loss, its image and patch parts, teacher entropies."""
+               matching="coords", clip_grad=3.0, freeze_last_layer=False, amp_dtype=None,
+               scaler=None):
+    """One PW-Self iteration: augment, forward, match patches, loss, backward, AdamW, EMA; amp_dtype
+    float16 needs a torch.amp.GradScaler, or small gradients flush to 0. Returns float32 (7,) on
+    the device (no sync): the loss, its image and patch parts, teacher entropies."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # off: each call passes through
     device = next(teacher.parameters()).device
     patches = loss_fn.patch_loss_weight > 0  # plain DINO runs the head on CLS tokens only
     glob, local = prepare_views(batch, device)
@@ -634,13 +634,15 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
 
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # fp16: the loss scaled up for backward, the gradients back down
+    scaler.unscale_(optimizer)  # before the clip
     if clip_grad:
         clip_gradients(student.parameters(), clip_grad)
     if freeze_last_layer:  # DINO: a fixed last layer in the first epoch keeps early training stable
         for p in unwrap(student).head.last_layer.parameters():
             p.grad = None
-    optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped if the gradients overflowed, and the scale lowered
+    scaler.update()
     ema_update(teacher, unwrap(student), momentum)
     losses = torch.stack([loss, loss_image, loss_patch]).detach().float()
     return torch.cat([losses, loss_fn.teacher_entropy])  # (7,)
@@ -718,14 +720,24 @@ class ClassFolder(torchvision.datasets.ImageFolder):
     """ImageFolder of `classes` only (None: every sub-folder), labelled in sorted order; at module
     level, so that data workers started by spawn (macOS) or forkserver (Python 3.14) unpickle it."""
 
-    def __init__(self, root, classes=None):
+    def __init__(self, root, classes=None, allow_empty=False):
         self.only = classes  # find_classes runs inside ImageFolder's __init__
-        super().__init__(root, loader=load_image)
+        super().__init__(root, loader=load_image, allow_empty=allow_empty)
 
     def find_classes(self, directory):
         if self.only is None:
             return super().find_classes(directory)
         return list(self.only), {c: i for i, c in enumerate(self.only)}
+
+
+@contextlib.contextmanager
+def one_at_a_time(folder):
+    """The block run by one process at a time among all that share `folder` (a lock file in it)."""
+    import fcntl  # Linux and macOS, where torchrun runs
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".download.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released as the file closes
+        yield
 
 
 def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000)):
@@ -735,9 +747,10 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
         train, val = ([(Image.fromarray(x), int(y)) for x, y in zip(*s)] for s in sets)  # (PIL, y)
         return train, val, len(SYNTHETIC_CLASSES)
     if data == "cifar10":
-        try:
-            train = torchvision.datasets.CIFAR10(data_path, train=True, download=download)
-            val = torchvision.datasets.CIFAR10(data_path, train=False, download=download)
+        try:  # torchrun's processes download in turn: the first fetches, the others check its files
+            with one_at_a_time(data_path) if download else contextlib.nullcontext():
+                train = torchvision.datasets.CIFAR10(data_path, train=True, download=download)
+                val = torchvision.datasets.CIFAR10(data_path, train=False, download=download)
         except RuntimeError:
             raise UserError(f"CIFAR-10 not found under --data_path {data_path}; add --download or "
                             "point --data_path at the folder holding cifar-10-batches-py") from None
@@ -754,16 +767,21 @@ def build_datasets(data, data_path, download=False, synthetic_size=(5000, 1000))
             raise UserError(f"--data in100: {len(missing)} of the 100 ImageNet-100 (CMC) classes "
                             f"are missing from {train}, such as {', '.join(missing[:3])}; point "
                             "--data_path at the ImageNet-1K root or a folder of those classes")
-        if int(os.environ.get("RANK", 0)) == 0:  # 100 of 100: a prepared ImageNet-100 folder
-            print(f"ImageNet-100: the 100 CMC classes of the {len(present)} in {data_path}")
     for root in (os.path.join(data_path, "train"), os.path.join(data_path, "val")):
         if not os.path.isdir(root):
             raise UserError(f"{root} is not a folder; --data_path must hold train/ and val/")
-    try:
-        train, val = (ClassFolder(os.path.join(data_path, s), classes) for s in ("train", "val"))
+    try:  # val labelled by train's classes: val may lack one, never add one
+        train = ClassFolder(os.path.join(data_path, "train"), classes)
+        val = ClassFolder(os.path.join(data_path, "val"), train.classes, allow_empty=True)
     except FileNotFoundError as e:
         raise UserError(f"no images in a folder of {data_path} ({e}); ImageFolder wants one "
                         "sub-folder of images per class") from None
+    extra = sorted({e.name for e in os.scandir(val.root) if e.is_dir()} - set(train.classes))
+    if extra and classes is None:  # (in100's val/ may be ImageNet-1K's: it takes its 100)
+        raise UserError(f"{val.root} has classes that train/ lacks ({', '.join(extra[:3])}); "
+                        "remove them from val/ or add them to train/")
+    if not len(val):
+        raise UserError(f"no images in {val.root}; it takes train/'s class folders of images")
     return train, val, len(train.classes)
 
 
@@ -836,10 +854,12 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """k-NN inputs: resize the short side to size / 0.875, centre crop `size`; uint8 (3, S, S)."""
+    """Evaluation inputs, uint8 (3, S, S): DINO's short side resized to size / 0.875 and centre
+    crop; small images (CIFAR-10's 32 px) whole, as the CIFAR literature evaluates them."""
 
     def __init__(self, base, size):
         self.base, self.size = base, size
+        self.resize = size if size <= SMALL_SIDE else round(size / 0.875)
 
     def __len__(self):
         return len(self.base)
@@ -851,7 +871,7 @@ class EvalDataset(torch.utils.data.Dataset):
             black = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return black, self.base.targets[index], index
         img, label = sample
-        img = TF.center_crop(TF.resize(img.convert("RGB"), round(self.size / 0.875),
+        img = TF.center_crop(TF.resize(img.convert("RGB"), self.resize,
                                        interpolation=TF.InterpolationMode.BICUBIC), self.size)
         return TF.pil_to_tensor(img), label, index
 
@@ -1063,9 +1083,8 @@ def evaluate_backbone(backbone, train_set, val_set, num_classes, device, label, 
 
 # ---- Weights in and out: checkpoints, and backbones in DINO's and timm's layouts -----------------
 
-# What a resumed run must share with its checkpoint to go on as the same run: every flag that
-# changes what it computes, but --epochs (longer: the schedules are recomputed, as DINO allows)
-# and where the data lies, how it is loaded, logged and evaluated.
+# What a run going on from its checkpoint must share with it: every flag that changes what it
+# computes but --epochs (longer only), and where the data lies, how it is loaded, logged, evaluated.
 RUN_FLAGS = tuple(k for k in DEFAULTS if k not in ("epochs", "num_workers", "log_every",
                                                    "knn_every", "knn_k", "linear_iters")) + (
     "data", "synthetic_size", "photometric", "matching", "patch_loss_weight", "loss_weighting",
@@ -1099,15 +1118,15 @@ def read_weights(path, trust=False):
 
 
 def read_checkpoint(path, args):
-    """The checkpoint --resume goes on from; one line naming every flag of RUN_FLAGS whose value
-    differs from the checkpoint's run, but a warm-up the user did not set: it follows --epochs."""
-    if not os.path.exists(path):
-        raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    """The checkpoint a run goes on from; one line naming each flag of RUN_FLAGS that differs from
+    its run's (a warm-up the user did not set follows --epochs), and a shorter --epochs."""
     ckpt = read_weights(path)
     flags = [k for k in RUN_FLAGS if k != "warmup_epochs" or k in args.given]
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
     diff = [f"--{k} {saved.get(k)} (checkpoint) vs {getattr(args, k)} (now)" for k in flags
             if saved.get(k) != getattr(args, k)]
+    if args.epochs < saved["epochs"]:
+        diff.append(f"--epochs {saved['epochs']} (checkpoint) vs {args.epochs} (now, shorter)")
     if diff:
         raise UserError(f"{path} was trained with other flags: {', '.join(diff)}; pass the "
                         "checkpoint's values or another --output_dir")
@@ -1134,7 +1153,7 @@ def load_backbone(backbone, state, source, key="teacher"):
                         "--patch_size and --depth to the file's") from None
 
 
-# ---- The run: training and --eval_only -----------------------------------------------------------
+# ---- The run: training -------------------------------------------------------------------------
 
 def prepare_output_dir(path):
     """The checkpoint's path, in a folder made and tried now: not writable fails before training."""
@@ -1147,26 +1166,43 @@ def prepare_output_dir(path):
     return os.path.join(path, "checkpoint.pth")
 
 
+def agree_on_start(ckpt, output_dir):
+    """The (epoch, iteration) every rank goes on from, (0, 0) for a new run; one line naming a rank
+    that sees another checkpoint, or none: --output_dir is not on a filesystem every node sees."""
+    seen = [f"epoch {ckpt['epoch']}, iteration {ckpt['iteration']}" if ckpt else "no checkpoint"]
+    if _distributed():
+        seen *= dist.get_world_size()
+        dist.all_gather_object(seen, seen[0])
+    other = next((r for r in range(len(seen)) if seen[r] != seen[0]), None)
+    if other is not None:
+        raise UserError(f"rank {other} sees {seen[other]} in {output_dir}, rank 0 {seen[0]}: put "
+                        "--output_dir on a filesystem every node sees")
+    return (ckpt["epoch"], ckpt["iteration"]) if ckpt else (0, 0)
+
+
+def keep_log(path, start_epoch, last_stats):
+    """Rewrite log.txt to the lines of the epochs before start_epoch, each once (a new run: none);
+    the checkpoint's stats stand in for the last one if its evaluation was cut short."""
+    lines = {}
+    for line in open(path) if start_epoch and os.path.exists(path) else ():
+        with contextlib.suppress(ValueError):  # a line cut short by a kill
+            lines[json.loads(line)["epoch"]] = line
+    if last_stats:
+        lines.setdefault(last_stats["epoch"], json.dumps(last_stats) + "\n")
+    with open(path, "w") as f:
+        f.writelines(lines[e] for e in sorted(lines) if e < start_epoch)
+
+
 def encoder_from_args(args, drop_path=0.0):
     return build_encoder(args.arch, args.patch_size, args.out_dim, drop_path, args.depth,
                          args.global_size, args.head_hidden_dim, args.bottleneck_dim,
                          args.norm_last_layer)
 
 
-def backbone_from_args(args):
-    """The backbone of --eval_only and patchwise_tools.py: --pretrained, else the
-    --checkpoint_key network of output_dir/checkpoint.pth (a misfit to the flags: one line)."""
-    path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
-    backbone = encoder_from_args(args).backbone
-    load_backbone(backbone, read_weights(path, args.trust_checkpoint), path, args.checkpoint_key)
-    return backbone, path
-
-
 def start_run(args):
-    """Join torchrun's process group when launched by it (NCCL on CUDA, gloo on CPU; multi-node
-    needs nothing more), else run as one process; a log on rank 0 that starts with resolve_args'
-    notes. Returns (rank, world size, device, log, autocast dtype: bf16 on CUDA, else None)."""
-    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    """Join torchrun's process group if launched by it (NCCL on CUDA, gloo on CPU), else run alone;
+    a log on rank 0 with resolve_args' notes. Returns (rank, world, device, log, amp dtype)."""
+    cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but no GPU is visible; use --device cpu")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1178,7 +1214,10 @@ def start_run(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     for note in args.notes:
         log(note)
-    return rank, world, device, log, (torch.bfloat16 if device.type == "cuda" else None)
+    # bf16 where the GPU computes it natively (Ampere and newer), else fp16 with a GradScaler as
+    # DINO on V100s; float32 on the CPU
+    bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
+    return rank, world, device, log, (torch.bfloat16 if bf16 else torch.float16) if cuda else None
 
 
 @contextlib.contextmanager
@@ -1244,7 +1283,7 @@ def stop_if_not_finite(first_bad, model, step, ckpt_path, weights_too=False):
     if bad < NEVER:
         raise UserError(f"the {what} became non-finite at iteration {bad} of the run; {ckpt_path} "
                         "holds the last good state: lower --lr, --min_lr, --weight_decay(_end) or "
-                        "--teacher_temp (whichever you raised), then --resume")
+                        "--teacher_temp (whichever you raised), in another --output_dir")
 
 
 def build_models(args, device, rank, world, pretrained=None):
@@ -1280,12 +1319,19 @@ def train(args):
     """The whole run. Only the drivers (train, evaluate, main) and their helpers read `args`."""
     rank, world, device, log, amp_dtype = start_run(args)
     local_batch = args.batch_size // world
-    with agreed_errors(device):  # what one node may lack: a folder, memory, the data, a file
+    with agreed_errors(device):  # what one node may lack: a folder, a file, the data
         args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
-        check_memory(args, device, world)
-        ckpt = read_checkpoint(ckpt_path, args) if args.resume else None
+        # A command run again, or restarted by torchrun, goes on with its run (as DINO's does).
+        ckpt = read_checkpoint(ckpt_path, args) if os.path.exists(ckpt_path) else None
         pretrained = args.pretrained and read_weights(args.pretrained, args.trust_checkpoint)
         datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
+    start_epoch, start_iter = agree_on_start(ckpt, args.output_dir)
+    if rank == 0:
+        keep_log(os.path.join(args.output_dir, "log.txt"), start_epoch, ckpt and ckpt.get("stats"))
+    if start_epoch >= args.epochs:  # finished: the checkpoint stays as it is
+        log(f"{ckpt_path} holds this run, finished at epoch {start_epoch} (log.txt): a larger "
+            "--epochs goes on with it, patchwise_tools.py --eval evaluates it")
+        return {}
 
     # Data
     dataset = MultiViewDataset(datasets[0], args.seed, args.global_size, args.local_size,
@@ -1315,23 +1361,23 @@ def train(args):
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
 
-    start_epoch, start_iter = 0, 0
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if ckpt:  # all of it, this rank's RNG too (drop path's draws) when the world size is the same
         unwrap(student).load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_fn.load_state_dict(ckpt["loss"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if len(ckpt["rng"]) == world:
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])
             if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-        start_epoch, start_iter = ckpt["epoch"], ckpt["iteration"]
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}")
-        if ckpt["args"]["epochs"] != args.epochs:
-            log(f"--epochs {args.epochs}, the checkpoint's {ckpt['args']['epochs']}: the lr, "
-                f"weight decay and teacher momentum schedules recomputed for {args.epochs} epochs")
+        if ckpt["args"]["epochs"] != args.epochs:  # longer: read_checkpoint refuses shorter
+            log(f"lr, weight decay and momentum schedules recomputed for {args.epochs} epochs")
 
-    def save(epoch, iteration):
+    def save(epoch, iteration, stats=None):
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -1340,7 +1386,8 @@ def train(args):
             dist.all_gather_object(rngs, rng)
         state = dict(student=unwrap(student).state_dict(), teacher=teacher.state_dict(),
                      optimizer=optimizer.state_dict(), loss=loss_fn.state_dict(), epoch=epoch,
-                     iteration=iteration, args=vars(args), rng=rngs)
+                     iteration=iteration, args=vars(args), rng=rngs, stats=stats,
+                     scaler=scaler.state_dict())
         if rank == 0:
             save_checkpoint(state, ckpt_path)
 
@@ -1370,7 +1417,8 @@ def train(args):
                 lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
                 momentum=float(momentum_schedule[step]), patch_size=args.patch_size,
                 matching=args.matching, clip_grad=args.clip_grad,
-                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype)
+                freeze_last_layer=epoch < args.freeze_last_layer, amp_dtype=amp_dtype,
+                scaler=scaler)
             first_bad = torch.where(torch.isfinite(losses[0]), first_bad, first_bad.clamp(max=step))
             sums += losses
             image_low_high = torch.stack([image_low_high[0].minimum(losses[1]),
@@ -1409,9 +1457,9 @@ def train(args):
             raise UserError(f"{bad_images} of {seen} images in epoch {epoch + 1} were unreadable, "
                             f"over --max_bad_images {args.max_bad_images}: fix those named above")
         start_iter = 0
-        save(epoch + 1, 0)
         stats.update(ln_K=ln_k, bad_images=bad_images, train_lr=float(lr_schedule[step]),
                      train_wd=float(wd_schedule[step]), epoch=epoch)
+        save(epoch + 1, 0, stats)  # its stats: log.txt's line, should the evaluation be cut short
         last = epoch + 1 == args.epochs
         if last or (args.knn_every and (epoch + 1) % args.knn_every == 0):
             label = "trained teacher" if last else f"teacher after epoch {epoch + 1}"
@@ -1422,16 +1470,6 @@ def train(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(stats) + "\n")
     return results
-
-
-def evaluate(args):
-    """--eval_only: k-NN and linear probe of the teacher in output_dir or --pretrained."""
-    rank, world, device, log, amp_dtype = start_run(args)
-    with agreed_errors(device):  # what one node may lack: the weights, the data
-        backbone, path = backbone_from_args(args)
-        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
-    return evaluate_teacher(args, backbone.to(device), datasets, world, device,
-                            f"teacher in {path}", True, amp_dtype, log)
 
 
 # ---- The command line: flags, presets, checks ----------------------------------------------------
@@ -1539,7 +1577,8 @@ def build_parser():
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=list(VIT_SIZES), help="ViT-tiny, -small or -base.")
     m.add_argument("--patch_size", type=int, choices=(4, 8, 16), help="Also the jitter's tile.")
-    m.add_argument("--depth", type=POSITIVE_INT, help="Number of transformer blocks.")
+    m.add_argument("--depth", type=ranged(int, lambda v: 0 < v <= 256, "1 to 256"),
+                   help="Number of transformer blocks.")
     m.add_argument("--drop_path", help="Student's stochastic depth.",
                    type=ranged(float, lambda v: 0 <= v < 1, "a value in [0, 1)"))
     m.add_argument("--out_dim", help="K, the head's output size (CLS and patches).",
@@ -1582,20 +1621,19 @@ def build_parser():
                    type=ranged(int, lambda v: -2 ** 63 <= v < 2 ** 63, "an integer of 64 bits"))
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default="output", help="Where checkpoint.pth and log.txt go.")
-    r.add_argument("--resume", action="store_true", help="Continue from output_dir/checkpoint.pth.")
+    r.add_argument("--resume", action="store_true", help="Kept for old scripts: runs go on anyway.")
     r.add_argument("--ckpt_every", type=COUNT, default=0, help="Also save every N iterations.")
     r.add_argument("--log_every", type=POSITIVE_INT, help="Log period in iterations.")
     r.add_argument("--knn_every", type=COUNT, help="k-NN every N epochs (0: at the end only).")
     r.add_argument("--knn_k", type=POSITIVE_INT, nargs="+", help="k values of the k-NN.")
     r.add_argument("--linear_iters", type=COUNT, help="The linear probe's L-BFGS iterations at "
                    f"most a fit, for each L2 of {LINEAR_L2} (0: no probe).")
-    r.add_argument("--eval_only", action="store_true", help="Evaluate output_dir or --pretrained.")
     r.add_argument("--no_initial_knn", action="store_true", help="Skip evaluating the init.")
     r.add_argument("--device", help="cuda or cpu (default: cuda when available).")
     r.add_argument("--compile", action="store_true", help="torch.compile the step's models.")
-    t = p.add_argument_group("weights (pictures and export: patchwise_tools.py)")
-    t.add_argument("--pretrained", help="Backbone weights to start from or, with --eval_only, to "
-                   "evaluate: ours, DINO's checkpoints or backbones, timm ViT state dicts.")
+    t = p.add_argument_group("weights (evaluation, pictures, export: patchwise_tools.py)")
+    t.add_argument("--pretrained", help="Backbone weights to start from (or, in the tools, to "
+                   "evaluate): ours, DINO's checkpoints or backbones, timm ViT state dicts.")
     t.add_argument("--checkpoint_key", default="teacher", choices=("teacher", "student"))
     t.add_argument("--trust_checkpoint", action="store_true", help="Unpickle it (DINO's files).")
     return p
@@ -1605,9 +1643,9 @@ def resolve_args(argv=None):
     """Parse the command line and fill every flag left unset from the preset, then DEFAULTS."""
     args = build_parser().parse_args(argv)
     preset, args.notes = PRESETS[args.data], []  # notes: what was chosen for the user, logged once
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.data == "folder":
-        cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-        preset, recipe = folder_preset(args.data_path, cuda)
+        preset, recipe = folder_preset(args.data_path, args.device.startswith("cuda"))
     args.given = tuple(key for key in DEFAULTS if getattr(args, key) is not None)  # by the user
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -1624,7 +1662,9 @@ def resolve_args(argv=None):
     # More loader processes than the cores this rank may use only make them fight for the cores.
     affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all cores count
     cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # set by torchrun
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # on this node, set by torchrun
+    if cores * ranks > (os.cpu_count() or 1):  # the ranks share the cores, unless a launcher
+        cores = max(1, cores // ranks)  # (SLURM's --cpus-per-task, numactl) gave each its own
     if args.num_workers > cores:
         args.notes.append(f"{args.num_workers} data workers asked for, {cores} used: its cores")
         args.num_workers = cores
@@ -1659,51 +1699,28 @@ def check_path(flag, path, folder):
                         f"{'folder' if folder else 'file'}")
 
 
-# The flags that size a run's memory: checked up front, named in an out-of-memory error's line.
+# The flags that size a run's memory, named in an out-of-memory error's line.
 SIZE_FLAGS = ("batch_size", "n_local", "global_size", "local_size", "patch_size", "arch", "depth",
               "out_dim", "head_hidden_dim", "bottleneck_dim")
 
 
-def size_flags(args, world):
-    """'--batch_size 512 (64 per process), --n_local 8, ...': the SIZE_FLAGS and their values."""
-    per_process = f" ({args.batch_size // world} per process)" if world > 1 else ""
-    return ", ".join(f"--{k} {(args.depth or 12) if k == 'depth' else getattr(args, k)}" +
-                     (per_process if k == "batch_size" else "") for k in SIZE_FLAGS)
-
-
-def check_memory(args, device, world):
-    """Refuse a training step that can never fit: a lower bound from, per token of an image's views,
-    the activations kept for backward (the head's hidden layers in bf16, its outputs and the blocks'
-    residual stream in float32), and 20 bytes a weight (two models, gradient, AdamW's moments)."""
-    if device.type == "cuda":
-        where, total = "GPU", torch.cuda.get_device_properties(device).total_memory
-    else:  # the host's memory, shared by the node's processes
-        where = "host"
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        total //= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    p, D, depth = args.patch_size, VIT_SIZES[args.arch][0], args.depth or 12
-    H, Bn, K = args.head_hidden_dim, args.bottleneck_dim, args.out_dim
-    tokens = 2 * ((args.global_size // p) ** 2 + 1)  # the global views', then the locals'
-    tokens += args.n_local * ((args.local_size // p) ** 2 + 1)
-    need = args.batch_size // world * tokens * (2 * 2 * H + 4 * (Bn + K + D * depth))
-    need += 20 * (12 * D * D * depth + D * H + H * H + H * Bn + Bn * K)
-    if need > total:
-        raise UserError(f"a training step needs at least {need // 2 ** 30:,} GiB, more than the "
-                        f"{total / 2 ** 30:.1f} GiB of this {where}: "
-                        f"{size_flags(args, world)}; lower one of them")
-
-
 # ---- Main ----------------------------------------------------------------------------------------
 
-def main(argv=None):
+def main(argv=None, run=None):
+    """run(args): train, or patchwise_tools.py's evaluation of saved weights."""
     args = None
     try:
         args = resolve_args(argv)
         check_args(args)
         args.doing, args.checkpoint = "building the model", None
-        result = evaluate(args) if args.eval_only else train(args)
+        result = (run or train)(args)
         if _distributed():  # no rank tears its gloo/NCCL connections down while another uses them
             dist.barrier()
+            dist.destroy_process_group()
+            # all is written: skip torch's teardown at exit, which aborts 1 gloo run in 25
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return result
     except UserError as e:  # rank 0's line, or that of the rank that alone met it (agreed_errors)
         rank = getattr(e, "rank", 0)
@@ -1717,10 +1734,11 @@ def main(argv=None):
         where = "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "host"
         saved = "nothing was saved"
         if args.checkpoint and os.path.exists(args.checkpoint):
-            saved = f"--resume goes on from {args.checkpoint}"
-        print(f"patchwise: error: out of {where} memory during {args.doing} ("
-              f"{size_flags(args, int(os.environ.get('WORLD_SIZE', 1)))}); lower one of them; "
-              f"{saved}", file=sys.stderr)
+            saved = f"the same command goes on from {args.checkpoint}"
+        sizes = ", ".join(f"--{k} {(args.depth or 12) if k == 'depth' else getattr(args, k)}"
+                          for k in SIZE_FLAGS)
+        print(f"patchwise: error: out of {where} memory during {args.doing} ({sizes}); lower one "
+              f"of them; {saved}", file=sys.stderr)
         sys.exit(2)
     finally:
         if _distributed():
@@ -1729,9 +1747,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # After a clean destroy_process_group, torch's teardown at exit aborts a rank 1 run in 25 on
-        # gloo ("terminate called without an active exception"). All is written: skip it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""patchwise's tools, beside patchwise.py as DINO's visualize_attention.py is beside main_dino.py:
-pictures of the method on an image, and the teacher's backbone in DINO's released layout.
+"""patchwise's tools for saved weights, beside patchwise.py as DINO's eval_knn.py and
+visualize_attention.py are beside main_dino.py: the k-NN and linear probe of a teacher, pictures of
+the method on an image, and the teacher's backbone in DINO's released layout.
 
+    python patchwise_tools.py --eval --output_dir output       # torchrun for several GPUs
     python patchwise_tools.py --show_matching photo.jpg --out matching.png
     python patchwise_tools.py --show_attention photo.jpg --out attention.png --output_dir output
     python patchwise_tools.py --export_backbone backbone.pth --output_dir output
@@ -10,6 +12,7 @@ Every flag of patchwise.py may follow: the model's (--arch, --patch_size, --dept
 the weights are (--output_dir, whose checkpoint.pth is read, or --pretrained).
 """
 import colorsys
+import os
 import sys
 
 import numpy as np
@@ -122,10 +125,34 @@ def show_attention(image, out_path, backbone, size=224, mass=0.6):
     return attn
 
 
+def backbone_from_args(args):
+    """The backbone of --pretrained, else the --checkpoint_key network of output_dir's checkpoint
+    (a misfit to the flags: one line), and its path."""
+    path = args.pretrained or os.path.join(args.output_dir, "checkpoint.pth")
+    backbone = pw.encoder_from_args(args).backbone
+    pw.load_backbone(backbone, pw.read_weights(path, args.trust_checkpoint), path,
+                     args.checkpoint_key)
+    return backbone, path
+
+
+def evaluate(args):
+    """patchwise's k-NN and linear probe of saved weights, on each rank under torchrun."""
+    rank, world, device, log, amp_dtype = pw.start_run(args)
+    with pw.agreed_errors(device):  # what one node may lack: the weights, the data
+        backbone, path = backbone_from_args(args)
+        datasets = pw.build_datasets(args.data, args.data_path, args.download,
+                                     args.synthetic_size)
+    return pw.evaluate_teacher(args, backbone.to(device), datasets, world, device,
+                               f"teacher in {path}", True, amp_dtype, log)
+
+
 def main(argv=None):
-    p = pw.Parser(description="Pictures of PW-Self on an image, and the export of trained weights; "
-                              "every flag of patchwise.py may follow.", add_help=True)
+    p = pw.Parser(description="The evaluation of saved weights, pictures of PW-Self on an image, "
+                              "the export of weights; every flag of patchwise.py may follow.",
+                  add_help=True)
     what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--eval", action="store_true", help="k-NN and linear probe of the teacher "
+                      "in --output_dir, or of --pretrained weights, as at the end of training.")
     what.add_argument("--show_matching", metavar="IMAGE",
                       help="Draw a teacher and a student view of IMAGE and their matched patches.")
     what.add_argument("--show_attention", metavar="IMAGE",
@@ -136,12 +163,14 @@ def main(argv=None):
     p.add_argument("--out", help="The PNG the pictures go to.")
     try:
         tool, rest = p.parse_known_args(argv)
+        if tool.eval:  # patchwise's run, its one-line errors and torchrun's processes
+            return pw.main(rest, run=evaluate)
         args = pw.resolve_args(rest)
         pw.check_args(args)
         for flag in ("show_matching", "show_attention", "out", "export_backbone"):  # all files
             pw.check_path(f"--{flag}", getattr(tool, flag), folder=False)
         if tool.export_backbone:
-            backbone, path = pw.backbone_from_args(args)
+            backbone, path = backbone_from_args(args)
             torch.save(backbone.state_dict(), tool.export_backbone)
             print(f"wrote the teacher backbone of {path} to {tool.export_backbone}")
             return
@@ -162,7 +191,7 @@ def main(argv=None):
             print(f"{len(pairs)} of {gs * gs} student patches matched: " + ", ".join(
                 f"{divmod(n, gs)}->{divmod(t, gt)}" for n, t in pairs))
         else:
-            backbone, _ = pw.backbone_from_args(args)
+            backbone, _ = backbone_from_args(args)
             show_attention(image, tool.out, backbone, glob)
         print(f"wrote {tool.out}")
     except pw.UserError as e:

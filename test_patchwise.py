@@ -1827,9 +1827,12 @@ def test_an_fp16_step_unscales_before_the_clip_skips_an_overflow_and_otherwise_f
                              ("overflow", torch.float16, 2.0 ** 16)):
         student, teacher, loss_fn, opt = _tiny_models(256, 2, 64, 32)
         before = [p.detach().clone() for p in student.parameters()]
-        real_step, grads[name] = opt.step, []
-        opt.step = lambda *a, real=real_step, got=grads[name], **k: (
-            got.extend(p.grad.clone() for p in student.parameters() if p.grad is not None), real(*a, **k))[1]
+        grads[name] = []
+
+        def step_seeing_the_gradients(*args, real_step=opt.step, seen=grads[name], **kwargs):
+            seen.extend(p.grad.clone() for p in student.parameters() if p.grad is not None)
+            return real_step(*args, **kwargs)
+        opt.step = step_seeing_the_gradients
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
         pw.train_step(student, teacher, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.9, patch_size=8,
                       clip_grad=0.01, amp_dtype=amp, scaler=scaler)  # a clip that acts on every parameter

@@ -30,6 +30,7 @@ NNODES=${NNODES:-1}
 # torchrun's shared store hands a group it restarts (--max-restarts, a node back) the old group's
 # addresses, and the restarted group hangs at its start (pytorch/pytorch#135712): give each its own.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+[ "$DRY_RUN" = 0 ] || echo "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
 
 if [ "$NNODES" -gt 1 ]; then
   LAUNCH="torchrun --nnodes=$NNODES --nproc_per_node=$NGPUS --node_rank=${NODE_RANK:?set NODE_RANK} --rdzv_backend=c10d --rdzv_endpoint=${RDZV_ENDPOINT:?set RDZV_ENDPOINT}"

@@ -999,8 +999,9 @@ def test_help_shows_every_real_default_and_each_presets_value():
 
 def test_every_runs_sh_command_is_accepted_by_the_parser():
     r = subprocess.run(["bash", "runs.sh", "--dry-run"], cwd=HERE, capture_output=True, text=True, check=True)
-    commands = r.stdout.strip().splitlines()
-    assert len(commands) == 12  # 3 datasets x (PW-Self, DINO) x (pretrain, k-NN)
+    export, *commands = r.stdout.strip().splitlines()
+    assert export == "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # torchrun's restarts need it
+    assert len(commands) == 12  # 3 datasets x (PW-Self, DINO) x (pretrain, evaluation)
     for line, script in zip(commands, itertools.cycle(["patchwise.py", "patchwise_tools.py"])):
         words = line.split()
         assert words[0] == "torchrun" and script in words and "--resume" not in words
@@ -1592,7 +1593,7 @@ def test_runs_sh_two_node_launch_gives_the_teacher_of_one_process(tmp_path):
     for rank in (0, 1):  # runs.sh's own launch line for NNODES=2, one process per node
         env = {**os.environ, "NNODES": "2", "NGPUS": "1", "NODE_RANK": str(rank), "RDZV_ENDPOINT": f"localhost:{port}"}
         line = subprocess.run(["bash", "runs.sh", "--dry-run", "cifar10"], cwd=HERE, env=env, capture_output=True,
-                              text=True, check=True).stdout.splitlines()[0]
+                              text=True, check=True).stdout.splitlines()[1]  # after the export
         words = line.split()
         assert words[0] == "torchrun" and "--rdzv_backend=c10d" in words
         launch[rank] = [sys.executable, "-m", "torch.distributed.run"] + words[1:words.index("patchwise.py") + 1]

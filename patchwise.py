@@ -1323,15 +1323,16 @@ def train(args):
         args.checkpoint = ckpt_path = prepare_output_dir(args.output_dir)
         # A command run again, or restarted by torchrun, goes on with its run (as DINO's does).
         ckpt = read_checkpoint(ckpt_path, args) if os.path.exists(ckpt_path) else None
-        pretrained = args.pretrained and read_weights(args.pretrained, args.trust_checkpoint)
-        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
     start_epoch, start_iter = agree_on_start(ckpt, args.output_dir)
     if rank == 0:
         keep_log(os.path.join(args.output_dir, "log.txt"), start_epoch, ckpt and ckpt.get("stats"))
-    if start_epoch >= args.epochs:  # finished: the checkpoint stays as it is
+    if start_epoch >= args.epochs:  # finished: the checkpoint stays as it is, nothing else is read
         log(f"{ckpt_path} holds this run, finished at epoch {start_epoch} (log.txt): a larger "
             "--epochs goes on with it, patchwise_tools.py --eval evaluates it")
         return {}
+    with agreed_errors(device):
+        pretrained = args.pretrained and read_weights(args.pretrained, args.trust_checkpoint)
+        datasets = build_datasets(args.data, args.data_path, args.download, args.synthetic_size)
 
     # Data
     dataset = MultiViewDataset(datasets[0], args.seed, args.global_size, args.local_size,

@@ -13,7 +13,8 @@ announces itself before it runs and says how long it took. Sections:
      the device, for DINO, PW-Self with coordinate matching and PW-Self with similarity matching:
      time, images/s, peak memory, MFU, and the ratios to DINO beside the analytic FLOP ratio;
      on a CPU, also the peak memory (process RSS) of a float32 ViT-S/16 step at the GPU sizes;
-  3. matching alone: match_patches against argmax-cosine similarity matching.
+  3. matching alone: by coordinates (ours), by the crops' intersection (the PW-Self code's rule)
+     and by argmax-cosine similarity, all pairs of a step as train_step calls them.
 """
 import argparse
 import io
@@ -242,21 +243,20 @@ def bench_step_memory(batch=8):
 
 
 def bench_matching(device, batch, global_size, local_size, patch, dim, n_local, repeats):
-    """All pairs of one training step, each method batched over them as train_step does: 2 x n_local
-    (teacher global, student local) pairs and the 2 global-global pairs."""
+    """All view pairs of one training step, matched as train_step matches them (match_views, one
+    call a student resolution): by coordinates, by the crops' intersection, by similarity."""
     g = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    groups = [(2 * n_local * batch, local_size), (2 * batch, global_size)]  # (rows, student side)
-    geometry = [(torch.rand(n, 4, generator=g).to(device) * 100 + 1, (torch.rand(n, generator=g) < 0.5).to(device),
-                 torch.rand(n, 4, generator=g).to(device) * 100 + 1, (torch.rand(n, generator=g) < 0.5).to(device), s)
-                for n, s in groups]
-    feats = [(torch.randn(n, (global_size // patch) ** 2, dim, generator=g).to(device),
-              torch.randn(n, (s // patch) ** 2, dim, generator=g).to(device)) for n, s in groups]
-    t = interleaved_medians({"coords": lambda: [pw.match_patches(tb, tf, global_size, sb, sf, s, patch)
-                                                for tb, tf, sb, sf, s in geometry],
-                             "similarity": lambda: [pw.match_by_similarity(t, s) for t, s in feats]}, repeats, sync=sync)
-    t_coords, t_sim = t["coords"], t["similarity"]
-    return {"coords_ms": 1e3 * t_coords, "similarity_ms": 1e3 * t_sim, "similarity_over_coords": t_sim / t_coords}
+    V, sizes = 2 + n_local, [global_size] * 2 + [local_size] * n_local
+    box = (torch.rand(batch, V, 4, generator=g) * 100 + 1).to(device)
+    flip = (torch.rand(batch, V, generator=g) < 0.5).to(device)
+    feats = [torch.randn(batch, (s // patch) ** 2, dim, generator=g).to(device) for s in sizes]
+    t = interleaved_medians({rule: lambda rule=rule: pw.match_views(box, flip, sizes, patch, 2, rule=rule)
+                             for rule in ("coords", "intersection")} |
+                            {"similarity": lambda: pw.match_views(None, None, sizes, patch, 2, feats[:2], feats)},
+                            repeats, sync=sync)
+    return {"coords_ms": 1e3 * t["coords"], "intersection_ms": 1e3 * t["intersection"],
+            "similarity_ms": 1e3 * t["similarity"], "similarity_over_coords": t["similarity"] / t["coords"]}
 
 
 def section(title):
@@ -333,8 +333,8 @@ def main():
                    "D 384):")
     m = bench_matching(device, 64, 224, 96, 16, 384, 8, args.repeats * 4)
     report["matching"] = m
-    print(f"   match_patches {m['coords_ms']:.3f} ms, similarity {m['similarity_ms']:.3f} ms "
-          f"({m['similarity_over_coords']:.0f}x)")
+    print(f"   coords {m['coords_ms']:.3f} ms, intersection {m['intersection_ms']:.3f} ms, similarity "
+          f"{m['similarity_ms']:.3f} ms ({m['similarity_over_coords']:.0f}x coords)")
     done()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

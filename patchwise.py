@@ -380,46 +380,53 @@ def photometric_augment(views, tile_params, view_params):
 
 # ---- Patch matching ------------------------------------------------------------------------------
 
-def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size):
-    """For every student patch, the teacher patch showing the same image point: its centre through
-    the student box to image pixels, then into the teacher view; geometry only, O(N_s). Boxes (B, 4)
-    (top, left, h, w) px, flips (B,), sizes: view sides. Returns index (B, N_s) into the teacher's
-    patch tokens (row-major, no CLS) and valid (B, N_s): the point lies in the teacher view."""
-    B = s_box.shape[0]
-    gs, gt = s_size // patch_size, t_size // patch_size
-    centre = (torch.arange(gs, device=s_box.device, dtype=s_box.dtype) + 0.5) * patch_size  # (gs,)
-    # x of the patch centres in student-view pixels, (B, gs, gs)
-    u = centre.view(1, 1, gs).expand(B, gs, gs)
-    v = centre.view(1, gs, 1).expand(B, gs, gs)  # y
-    u = torch.where(s_flip.view(B, 1, 1), s_size - u, u)  # the view was mirrored after cropping
-    s_top, s_left, s_h, s_w = s_box.view(B, 4, 1, 1).unbind(1)  # each (B, 1, 1)
-    t_top, t_left, t_h, t_w = t_box.view(B, 4, 1, 1).unbind(1)
-    x = s_left + u * s_w / s_size  # original-image pixels
-    y = s_top + v * s_h / s_size
-    ut = (x - t_left) * t_size / t_w  # teacher-view pixels, before the teacher's flip
-    vt = (y - t_top) * t_size / t_h
-    valid = (ut >= 0) & (ut < t_size) & (vt >= 0) & (vt < t_size)
-    ut = torch.where(t_flip.view(B, 1, 1), t_size - ut, ut)
-    col = torch.div(ut, patch_size, rounding_mode="floor").long().clamp(0, gt - 1)
-    row = torch.div(vt, patch_size, rounding_mode="floor").long().clamp(0, gt - 1)
-    return (row * gt + col).flatten(1), valid.flatten(1)  # (B, gs, gs) -> (B, N_s)
+def match_patches(t_box, t_flip, t_size, s_box, s_flip, s_size, patch_size, rule="coords"):
+    """For every student patch, the teacher patch showing the same image part, from the crop
+    geometry alone, axis by axis, O(N_s). Boxes (B, 4) (top, left, h, w) in image px, flips (B,),
+    sizes: view sides. coords (ours): the patch centre through the student box to image pixels,
+    into the teacher view, the teacher patch holding it (many-to-one). intersection (the public
+    PW-Self code's): in each view the run of patches over the crops' intersection (round(P offset /
+    side) on, round(P overlap / side) long, mirrored if flipped), the longer run subsampled to the
+    shorter at floor(linspace(0, n_long - 1, n_short)) exactly (one-to-one). Returns index (B, N_s)
+    into the teacher's patch tokens (row-major, no CLS), valid (B, N_s): matched."""
+    B, gs, gt = s_box.shape[0], s_size // patch_size, t_size // patch_size
+    k = torch.arange(gs, device=s_box.device)  # (gs,) the student's patches along an axis
+
+    def axis(a):  # a = 0: rows (top, h), 1: columns (left, w) -> teacher line, valid, (B, gs) each
+        s0, sl, t0, tl = (box[:, a + o].view(B, 1) for box in (s_box, t_box) for o in (0, 2))
+        sf, tf = (f.view(B, 1) & (a == 1) for f in (s_flip, t_flip))  # flips mirror columns only
+        if rule == "coords":
+            u = (k + 0.5) * patch_size  # the patch centres in student-view px, then un-flipped
+            u = torch.where(sf, s_size - u, u)
+            ut = (s0 + u * sl / s_size - t0) * t_size / tl  # image px, then teacher-view px
+            valid = (ut >= 0) & (ut < t_size)
+            ut = torch.where(tf, t_size - ut, ut)
+            return torch.div(ut, patch_size, rounding_mode="floor").long().clamp(0, gt - 1), valid
+        lo = torch.maximum(s0, t0)
+        overlap = torch.minimum(s0 + sl, t0 + tl) - lo  # (B, 1); <= 0: the crops do not meet
+        s_at = torch.round(gs * ((lo - s0) / sl)).long()  # each view's first patch over the overlap
+        t_at = torch.round(gt * ((lo - t0) / tl)).long()
+        s_n = torch.minimum(torch.round(gs * (overlap / sl)).long(), gs - s_at)  # and their count
+        t_n = torch.minimum(torch.round(gt * (overlap / tl)).long(), gt - t_at)
+        n = torch.minimum(s_n, t_n).clamp(min=0)  # (B, 1) pairs; pair k takes, in each run, patch
+        sp = s_at + k * (s_n - 1).clamp(min=0) // (n - 1).clamp(min=1)  # k (the shorter run) or
+        tp = t_at + k * (t_n - 1).clamp(min=0) // (n - 1).clamp(min=1)  # floor(k (n_long-1)/(n-1))
+        sp, tp = torch.where(sf, gs - 1 - sp, sp), torch.where(tf, gt - 1 - tp, tp)  # (B, gs)
+        sp = torch.where(k < n, sp, gs)  # the pairs beyond n go to a spare column, dropped
+        line = torch.zeros(B, gs + 1, dtype=torch.long, device=k.device).scatter_(1, sp, tp)
+        return line[:, :gs], torch.zeros_like(line, dtype=torch.bool).scatter_(1, sp, k < n)[:, :gs]
+    (row, row_ok), (col, col_ok) = axis(0), axis(1)
+    index = row.view(B, gs, 1) * gt + col.view(B, 1, gs)  # (B, gs, gs)
+    return index.flatten(1), (row_ok.view(B, gs, 1) & col_ok.view(B, 1, gs)).flatten(1)
 
 
-def match_by_similarity(t_feats, s_feats):
-    """The ablation (EsViT/GTSA): each student patch takes the teacher patch of highest cosine
-    similarity, O(N_s N_t D), of t_feats (B, N_t, D), s_feats (B, N_s, D). Valid all True."""
-    s, t = F.normalize(s_feats.float(), dim=-1), F.normalize(t_feats.float(), dim=-1)
-    sim = s @ t.transpose(1, 2)  # (B, N_s, N_t)
-    index = sim.argmax(dim=-1)
-    return index, torch.ones_like(index, dtype=torch.bool)
-
-
-def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=None):
+def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=None,
+                rule="coords"):
     """{(i, v): (index, valid) (B, N_v)} for every (teacher global i, student view v != i) pair, a
-    student resolution in one call. box (B, V, 4), flip (B, V), sizes (V,), globals first; by
-    similarity given t_feats G x (B, N_t, D), s_feats V x (B, N_v, D)."""
-    B, V = len(box if t_feats is None else t_feats[0]), len(sizes)
-    matches = {}
+    student resolution in one call. box (B, V, 4), flip (B, V), sizes (V,), globals first, matched
+    by match_patches' rule; or, given t_feats G x (B, N_t, D) and s_feats V x (B, N_v, D), each
+    student patch to the teacher patch of highest cosine similarity (the EsViT/GTSA ablation)."""
+    V, matches = len(sizes), {}
 
     def pair_major(x, views):  # (B, V, ...) -> (P B, ...): the views' images, pair after pair
         return x[:, views].transpose(0, 1).flatten(0, 1)
@@ -431,13 +438,13 @@ def match_views(box, flip, sizes, patch_size, n_global=2, t_feats=None, s_feats=
         if t_feats is None:
             index, valid = match_patches(pair_major(box, t), pair_major(flip, t), sizes[0],
                                          pair_major(box, s), pair_major(flip, s), sizes[s[0]],
-                                         patch_size)  # (P B, N_s) each
-        else:
-            index, valid = match_by_similarity(torch.cat([t_feats[i] for i in t]),
-                                               torch.cat([s_feats[v] for v in s]))
-        for pair, idx, val in zip(pairs, index.view(len(pairs), B, -1),
-                                  valid.view(len(pairs), B, -1)):
-            matches[pair] = (idx, val)  # (B, N_s) each
+                                         patch_size, rule)  # (P B, N_s) each
+        else:  # O(N_s N_t D)
+            t_f = F.normalize(torch.cat([t_feats[i] for i in t]).float(), dim=-1)  # (P B, N_t, D)
+            s_f = F.normalize(torch.cat([s_feats[v] for v in s]).float(), dim=-1)  # (P B, N_s, D)
+            index = (s_f @ t_f.transpose(1, 2)).argmax(dim=-1)  # (P B, N_s)
+            valid = torch.ones_like(index, dtype=torch.bool)
+        matches.update(zip(pairs, zip(index.chunk(len(pairs)), valid.chunk(len(pairs)))))
     return matches
 
 
@@ -623,14 +630,14 @@ def train_step(student, teacher, loss_fn, optimizer, batch, *, epoch, lr, wd, mo
     teacher_out = t_out.chunk(G)  # G x (B, T_g, K)
     student_out = s_out[0].chunk(G) + (s_out[1].chunk(L) if L else ())  # V x (B, T_v, K)
     matches = {}
-    if patches and matching == "coords":  # geometry alone, a few tensor ops on the device
+    if patches and matching != "similarity":  # geometry alone, a few tensor ops on the device
         matches = match_views(batch["box"].to(device, non_blocking=True),
-                              batch["flip"].to(device, non_blocking=True), sizes, patch_size, G)
+                              batch["flip"].to(device, non_blocking=True), sizes, patch_size, G,
+                              rule=matching)
     elif patches:  # the ablation: by similarity of the backbone's patch features
-        s_feats = [t[:, 1:].detach() for t in s_tokens]  # (V_r B, N_r, D) per resolution
-        s_feats = s_feats[0].chunk(G) + (s_feats[1].chunk(L) if L else ())
+        s_feats = [f for t, n in zip(s_tokens, (G, L)) for f in t[:, 1:].detach().chunk(n)]
         matches = match_views(None, None, sizes, patch_size, G, t_tokens[0][:, 1:].chunk(G),
-                              s_feats)
+                              s_feats)  # s_feats: V x (B, N_v, D)
     loss, loss_image, loss_patch = loss_fn(student_out, teacher_out, matches, epoch)
 
     optimizer.zero_grad(set_to_none=True)
@@ -828,9 +835,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
                                                  P_SOLARIZE_GLOBAL, blur_sigma=self.blur_sigma)
         tile_l, view_l = draw_photometric_params(rng, self.n_local, self.tiles[1], P_BLUR_LOCAL,
                                                  P_SOLARIZE_LOCAL, blur_sigma=self.blur_sigma)
-        return dict(global_views=glob, local_views=local, box=box, flip=flip, tile_global=tile_g,
-                    tile_local=tile_l, view_params=torch.cat([view_g, view_l]), label=label,
-                    bad=bad)
+        return dict(global_views=glob, local_views=local, box=box, flip=flip, label=label, bad=bad,
+                    tile_global=tile_g, tile_local=tile_l, view_params=torch.cat([view_g, view_l]))
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -868,8 +874,7 @@ class EvalDataset(torch.utils.data.Dataset):
         import torchvision.transforms.functional as TF
         sample = read_sample(self.base, index)
         if sample is None:  # the evaluation still needs a row for it: a black image
-            black = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-            return black, self.base.targets[index], index
+            sample = Image.new("RGB", (self.size, self.size)), self.base.targets[index]
         img, label = sample
         img = TF.center_crop(TF.resize(img.convert("RGB"), self.resize,
                                        interpolation=TF.InterpolationMode.BICUBIC), self.size)
@@ -1214,8 +1219,7 @@ def start_run(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     for note in args.notes:
         log(note)
-    # bf16 where the GPU computes it natively (Ampere and newer), else fp16 with a GradScaler as
-    # DINO on V100s; float32 on the CPU
+    # bf16 on Ampere and newer GPUs, else fp16 with a GradScaler as DINO on V100s; float32 on CPUs
     bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8
     return rank, world, device, log, (torch.bfloat16 if bf16 else torch.float16) if cuda else None
 
@@ -1260,8 +1264,7 @@ def collapse_warning(image_loss_range, entropy_cls, out_dim):
         return "one dimension", ("warning: collapse: all CLS targets peak on one dimension "
                                  f"(entropy of their batch mean {batch_mean:.2f} < ln 2): raise "
                                  "--teacher_temp towards 0.07, or lower --lr")
-    # batch mean - target: what the targets tell apart, a few nats when healthy, near 0 when every
-    # image gets the same target (near ln K, the uniform case above)
+    # batch mean - target: what the targets tell apart, a few nats when healthy
     if batch_mean - target < 0.05 and target < 0.95 * ln_k:
         return "constant", ("warning: collapse: nearly the same CLS target for every image "
                             f"(entropy of the batch mean {batch_mean:.2f}, of a target "
@@ -1597,8 +1600,9 @@ def build_parser():
     a.add_argument("--blur_sigma", type=NON_NEGATIVE, nargs=2, help="Blur sigma range (0 0: off).")
     a.add_argument("--photometric", default="patch", choices=("patch", "view"),
                    help="patch: colour jitter, grayscale drawn per patch (PW-Self); view: (DINO).")
-    a.add_argument("--matching", default="coords", choices=("coords", "similarity"),
-                   help="Patches matched by crop geometry (PW-Self) or feature similarity (EsViT).")
+    a.add_argument("--matching", default="coords", choices=("coords", "intersection", "similarity"),
+                   help="By the patch centre (ours), over the crops' intersection one to one (the "
+                        "PW-Self code's), by feature similarity (EsViT).")
     l = p.add_argument_group("loss")
     l.add_argument("--patch_loss_weight", type=NON_NEGATIVE, default=1.0, help="0 is plain DINO.")
     l.add_argument("--loss_weighting", default="sum", choices=("sum", "token_mean"),
@@ -1683,10 +1687,9 @@ def check_args(args):
         if size % p:
             raise UserError(f"--{name} {size} is not divisible by --patch_size {p}; use a multiple "
                             f"such as {size // p * p or p}")
-    for flag, path, folder in (("data_path", args.data != "synthetic" and args.data_path, True),
-                               ("output_dir", args.output_dir, True),
-                               ("pretrained", args.pretrained, False)):
-        check_path(f"--{flag}", path, folder)
+    check_path("--data_path", args.data != "synthetic" and args.data_path, folder=True)
+    check_path("--output_dir", args.output_dir, folder=True)
+    check_path("--pretrained", args.pretrained, folder=False)
     world, b = int(os.environ.get("WORLD_SIZE", 1)), args.batch_size  # world: set by torchrun
     if b % world:
         raise UserError(f"--batch_size {b} does not split over {world} processes; use a multiple "
@@ -1698,11 +1701,6 @@ def check_path(flag, path, folder):
     if path and os.path.exists(path) and os.path.isdir(path) != folder:
         raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}; it takes a "
                         f"{'folder' if folder else 'file'}")
-
-
-# The flags that size a run's memory, named in an out-of-memory error's line.
-SIZE_FLAGS = ("batch_size", "n_local", "global_size", "local_size", "patch_size", "arch", "depth",
-              "out_dim", "head_hidden_dim", "bottleneck_dim")
 
 
 # ---- Main ----------------------------------------------------------------------------------------
@@ -1737,7 +1735,9 @@ def main(argv=None, run=None):
         if args.checkpoint and os.path.exists(args.checkpoint):
             saved = f"the same command goes on from {args.checkpoint}"
         sizes = ", ".join(f"--{k} {(args.depth or 12) if k == 'depth' else getattr(args, k)}"
-                          for k in SIZE_FLAGS)
+                          for k in ("batch_size", "n_local", "global_size", "local_size",
+                                    "patch_size", "arch", "depth", "out_dim", "head_hidden_dim",
+                                    "bottleneck_dim"))  # the flags that size a run's memory
         print(f"patchwise: error: out of {where} memory during {args.doing} ({sizes}); lower one "
               f"of them; {saved}", file=sys.stderr)
         sys.exit(2)

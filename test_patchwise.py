@@ -212,11 +212,72 @@ def test_match_patches_agrees_with_coordinate_oracle():
     assert off_by_one <= 0.02 * checked, (off_by_one, checked)
 
 
+def _public_intersection_pairs(t_box, t_flip, t_size, s_box, s_flip, s_size, p):
+    """METHOD.md section 4's rule as the public PW-Self code runs it (augment.py's correspondences),
+    written out for one pair with numpy slices and np.linspace: {student patch: teacher patch}."""
+    top, left = max(t_box[0], s_box[0]), max(t_box[1], s_box[1])
+    bottom = min(t_box[0] + t_box[2], s_box[0] + s_box[2])
+    right = min(t_box[1] + t_box[3], s_box[1] + s_box[3])
+    if top >= bottom or left >= right:
+        return {}
+
+    def covering(box, flip, size):  # the view's patch ids over the intersection, in image order
+        P = size // p
+        ids = np.arange(P * P).reshape(P, P)
+        h0 = int(round(P * (top - box[0]) / box[2]))
+        w0 = int(round(P * (left - box[1]) / box[3]))
+        h1 = min(h0 + round(P * (bottom - top) / box[2]), P)  # a slice stops at the grid's edge
+        w1 = min(w0 + round(P * (right - left) / box[3]), P)
+        if flip:  # the columns mirrored, then read right to left
+            return np.fliplr(ids[h0:h1, P - w1:P - w0])
+        return ids[h0:h1, w0:w1]
+    t, s = covering(t_box, t_flip, t_size), covering(s_box, s_flip, s_size)
+
+    def subsample(n_long, n_short):
+        return [int(np.floor(x)) for x in np.linspace(0, n_long - 1, n_short)]
+    rows, cols = min(len(t), len(s)), min(t.shape[1], s.shape[1])
+    t = t[subsample(len(t), rows)][:, subsample(t.shape[1], cols)]
+    s = s[subsample(len(s), rows)][:, subsample(s.shape[1], cols)]
+    return dict(zip(s.flatten().tolist(), t.flatten().tolist()))
+
+
+def test_intersection_matching_is_the_public_rule_written_out():
+    """--matching intersection against the public rule pair by pair: real crop boxes and flips,
+    global-global and global-local pairs at ImageNet's and the demo's grids, disjoint crops too."""
+    checked = 0
+    for (t_size, s_size, p), seed in itertools.product([(224, 96, 16), (224, 224, 16), (32, 16, 8), (64, 40, 8)],
+                                                       range(40)):
+        rng = np.random.default_rng(seed)
+        H, W = rng.integers(40, 400, size=2)
+        boxes = [pw.sample_crop_box(rng, H, W, (0.4, 1.0)), pw.sample_crop_box(rng, H, W, (0.05, 0.4))]
+        flips = rng.random(2) < 0.5
+        t_box, s_box = torch.tensor(boxes, dtype=torch.float32)  # as the loader's, float32
+        index, valid = pw.match_patches(t_box[None], torch.tensor(flips[:1]), t_size, s_box[None],
+                                        torch.tensor(flips[1:]), s_size, p, rule="intersection")
+        want = _public_intersection_pairs(t_box.tolist(), flips[0], t_size, s_box.tolist(), flips[1], s_size, p)
+        got = {n: int(index[0, n]) for n in range(index.shape[1]) if valid[0, n]}
+        assert got == want, (t_size, s_size, p, seed)
+        assert len(set(got.values())) == len(got)  # one-to-one
+        checked += len(got)
+    assert checked > 2000
+    # crops that do not meet have no pair; a flipped pair over the same box pairs mirrored columns
+    box, far = torch.tensor([[0., 0, 50, 50]]), torch.tensor([[60., 60, 40, 40]])
+    yes, no = torch.tensor([True]), torch.tensor([False])
+    _, valid = pw.match_patches(box, no, 32, far, no, 16, 4, rule="intersection")
+    assert not valid.any()
+    index, valid = pw.match_patches(box, yes, 32, box, no, 32, 4, rule="intersection")
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert valid.all() and torch.equal(index[0], (rows * 8 + 7 - cols).flatten())
+
+
 def test_similarity_matching_finds_identical_features():
     t = torch.randn(2, 9, 16)
     perm = torch.randperm(9)
-    index, valid = pw.match_by_similarity(t, t[:, perm])
-    assert valid.all() and torch.equal(index, perm.expand(2, 9))
+    matches = pw.match_views(None, None, [24, 24], 8, 2, [t, t[:, perm]], [t, t])
+    index, valid = matches[1, 0]  # teacher view 1 holds student patch j at perm.argsort()[j]
+    assert valid.all() and torch.equal(index, perm.argsort().expand(2, 9))
+    index, valid = matches[0, 1]
+    assert valid.all() and torch.equal(index, torch.arange(9).expand(2, 9))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -942,7 +1003,8 @@ def test_resume_refuses_every_changed_flag_that_would_change_the_run_and_names_b
 
 
 def test_similarity_matching_and_dino_mode_train(tmp_path):
-    for i, extra in enumerate((["--matching", "similarity"], ["--patch_loss_weight", "0", "--photometric", "view"],
+    for i, extra in enumerate((["--matching", "similarity"], ["--matching", "intersection"],
+                               ["--patch_loss_weight", "0", "--photometric", "view"],
                                ["--loss_weighting", "token_mean", "--n_local", "0"])):
         pw.main(TINY + ["--epochs", "1", "--no_initial_knn", "--output_dir", str(tmp_path / str(i))] + extra)
         log = json.loads(open(tmp_path / str(i) / "log.txt").read())
@@ -1430,6 +1492,226 @@ def test_compiled_step_gives_the_eager_losses():
                 pytest.skip(f"torch.compile does not work here: {type(e).__name__}")
             raise
     assert max(abs(a - b) / abs(a) for a, b in zip(*losses)) < 1e-5, losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Downstream: copy detection and image retrieval as DINO measures them (../shared/DOWNSTREAM.md)
+# ------------------------------------------------------------------------------------------------
+
+def test_trapezoid_ap_and_compute_map_give_the_golden_values():
+    assert tools.average_precision([0], 1) == 1.0
+    assert tools.average_precision([1], 1) == 0.25  # not 1/2: the trapezoid
+    assert tools.average_precision([], 3) == 0.0
+    ranks = np.array([[3, 0, 5, 1, 2, 4]]).T  # (n_db, n_q): one query
+    easy, hard, junk = [0], [1, 2], [3]
+    m, aps, mp, _ = tools.compute_map(ranks, [dict(ok=easy, junk=junk + hard)])
+    assert m == pytest.approx(1.0)
+    m, _, mp, _ = tools.compute_map(ranks, [dict(ok=easy + hard, junk=junk)])
+    assert m == pytest.approx(55 / 72) and mp == pytest.approx([1, 0.75, 0.75])
+    m, _, mp, _ = tools.compute_map(ranks, [dict(ok=hard, junk=junk + easy)])
+    assert m == pytest.approx(5 / 12) and mp == pytest.approx([0, 2 / 3, 2 / 3])
+    # a query without positives is NaN and leaves the mean; junk is never a positive
+    ranks = np.array([[0, 1, 2], [2, 1, 0]]).T
+    m, aps, _, _ = tools.compute_map(ranks, [dict(ok=[0]), dict(ok=[], junk=[2])])
+    assert m == 1.0 and np.isnan(aps[1])
+    m, _, _, _ = tools.compute_map(ranks[:, :1], [dict(ok=[2], junk=[0, 1])])
+    assert m == 1.0  # the two junk items above the positive are left out of the ranking
+
+
+def _jpeg(path, seed, size=(40, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = _photo(*size, seed=seed)
+    if str(path).endswith(".png"):
+        img.save(path)
+    else:
+        img.save(path, quality=90)
+
+
+def _copydays(root, levels=True):
+    """Copydays' layout: 6-digit names, strong copies by prefix, a jpegqual and a crops level."""
+    for i in range(4):
+        _jpeg(root / "original" / f"20{i}000.jpg", i)
+    for name in ("200001", "200002", "201001", "203001"):
+        _jpeg(root / "strong" / f"{name}.jpg", 100 + int(name[2]))
+    if levels:
+        for i in range(4):
+            _jpeg(root / "jpegqual" / "30" / f"20{i}000.jpg", 200 + i)
+            _jpeg(root / "crops" / "50" / f"20{i}000.jpg", 300 + i)
+    return root
+
+
+def test_copy_detection_scores_injected_features_by_the_protocol(tmp_path, monkeypatch, capsys):
+    """Originals A B C; strong A1 -> [A, .], A2 -> [B, A], B1 -> [A, C] in the top 2: APs 1, 0.25, 0,
+    strong mAP 0.416667. A distractor given A1's own feature, named as A's original, drops A1 to 0.25:
+    it is in the database, never a positive."""
+    root = tmp_path / "copydays"
+    for name in ("100000", "110000", "120000"):
+        _jpeg(root / "original" / f"{name}.jpg", 0)
+    for name in ("100001", "100002", "110001"):
+        _jpeg(root / "strong" / f"{name}.jpg", 0)
+    _jpeg(tmp_path / "distractors" / "100000.png", 0)
+    A, B, C, D = torch.eye(4)
+    feats = {"original/100000": A, "original/110000": B, "original/120000": C, "strong/100001": A + 0.3 * D,
+             "strong/100002": B + 0.9 * A, "strong/110001": A + 0.5 * C, "distractors/100000": A + 0.3 * D}
+
+    def injected(backbone, paths, *args, **kwargs):
+        return torch.stack([feats[os.path.join(*p.split(os.sep)[-2:]).split(".")[0]] for p in paths])
+    monkeypatch.setattr(tools, "copy_detection_features", injected)
+    result = tools.copy_detection(None, str(root), 32, "cpu", k=2)
+    assert result["strong"] == pytest.approx(100 * 1.25 / 3) and result["original"] == 100
+    assert "eval on strong mAP=0.417 (3 queries)" in capsys.readouterr().out
+    result = tools.copy_detection(None, str(root), 32, "cpu", distractors=str(tmp_path / "distractors"), k=2)
+    assert result["strong"] == pytest.approx(100 * 0.5 / 3)
+    # the whole database ranked (k = 20 > its size): B1 finds B at rank 2, 1 / (2 x 3)
+    assert tools.copy_detection(None, str(root), 32, "cpu")["strong"] == pytest.approx(100 * (1 + 0.25 + 1 / 6) / 3)
+
+
+def test_whitening_whitens_and_does_not_depend_on_eigenvector_signs():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3  # correlated, off-centre
+    mu, P = tools.learn_whitening(train)
+    S = train.double().T @ train.double() / len(train)  # uncentred, as DINO's
+    assert torch.allclose(P.double() @ S @ P.double().T, torch.eye(6, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(mu, train.mean(0))
+    x = torch.randn(10, 6, generator=g)
+    sim = lambda P: F.normalize((x - mu) @ P.T, dim=1) @ F.normalize((x - mu) @ P.T, dim=1).T  # noqa: E731
+    flipped = P.clone()
+    flipped[2] *= -1  # an eigenvector's sign is arbitrary
+    assert torch.allclose(sim(P), sim(flipped), atol=1e-5)
+    # fewer images than dimensions still whiten the directions they span (the eigenvalue floor)
+    mu, P = tools.learn_whitening(train[:3])
+    assert torch.isfinite(P).all()
+
+
+def test_copydays_and_retrieval_commands_run_end_to_end_with_a_real_backbone(tmp_path, capsys):
+    torch.manual_seed(0)
+    vit = pw.vit("vit_tiny", patch_size=8, depth=1, img_size=32)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    weights = ["--pretrained", str(tmp_path / "vit.pth"), "--arch", "vit_tiny", "--patch_size", "8", "--depth", "1"]
+    root = _copydays(tmp_path / "copydays")
+    for i, ext in enumerate(("jpg", "png", "JPEG", "webp")):  # distractors of mixed extensions
+        _jpeg(tmp_path / "distractors" / f"d{i}.{ext}", 400 + i, size=(50, 20))
+    for i in range(12):
+        _jpeg(tmp_path / "whitening" / f"w{i}.jpg", 500 + i)
+    r = tools.main(["--copydays", str(root), "--distractors", str(tmp_path / "distractors"), "--whitening",
+                    str(tmp_path / "whitening"), "--imsize", "40"] + weights)
+    out = capsys.readouterr().out
+    assert set(r) == {"original", "strong", "jpegqual/30", "crops/50"} and r["original"] == 100
+    assert "eval on strong mAP=" in out and "16 Copydays blocks absent, skipped: jpegqual/3" in out
+    for features in ("cls", "pixels"):
+        assert 0 <= tools.main(["--copydays", str(root), "--features", features] + weights)["strong"] <= 100
+    # the features: [CLS, GeM of the final-norm patch tokens], DINO's, from the square resize
+    x = pw.imagenet_normalize(TF.pil_to_tensor(Image.open(root / "strong" / "200001.jpg").convert("RGB").resize(
+        (40, 40), Image.Resampling.BICUBIC))[None].float() / 255)
+    with torch.no_grad():
+        tokens = vit.eval()(x)
+        gem = F.avg_pool2d(tokens[:, 1:].reshape(1, 5, 5, -1).permute(0, 3, 1, 2).clamp(min=1e-6).pow(4), 5).pow(0.25)
+        got = tools.copy_detection_features(vit, [str(root / "strong" / "200001.jpg")], 40, "cpu")
+    assert torch.allclose(got, torch.cat([tokens[:, 0], gem.flatten(1)], 1), atol=1e-5)
+
+    # revisited Oxford: a query whose easy is empty, non-square images, sides not multiples of the patch
+    data = tmp_path / "revisited" / "roxford5k"
+    names = [f"db{i}" for i in range(6)]
+    for i, name in enumerate(names + ["q0", "q1"]):
+        _jpeg(data / "jpg" / f"{name}.jpg", 600 + i, size=(45 + 7 * i, 37 + 3 * i))
+    gnd = [dict(bbx=[3.0, 2.0, 30.5, 25.0], easy=[0], hard=[1, 2], junk=[3]),
+           dict(bbx=[0.0, 0.0, 20.0, 20.0], easy=[], hard=np.array([4]), junk=[])]
+    import pickle
+    with open(data / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump(dict(imlist=names, qimlist=["q0", "q1"], gnd=gnd), f)
+    for extra in ([], ["--multiscale"], ["--query_crop"]):
+        r = tools.main(["--retrieval", str(tmp_path / "revisited"), "--dataset", "roxford5k", "--imsize", "52"]
+                       + weights + extra)
+        out = capsys.readouterr().out
+        assert all(0 <= r[f"map_{p}"] <= 100 for p in "EMH") and len(r["mp_M"]) == 3
+        assert ">> roxford5k: mAP E:" in out and ("cropped to their bbx" in out) == ("--query_crop" in extra)
+    # DINO's feature: thumbnail (LANCZOS) to 52, the CLS after the final norm, L2-normalised
+    img = Image.open(data / "jpg" / "db5.jpg").convert("RGB")
+    img.thumbnail((52, 52), Image.Resampling.LANCZOS)
+    with torch.no_grad():
+        want = F.normalize(vit(pw.imagenet_normalize(TF.pil_to_tensor(img)[None].float() / 255))[0, 0], dim=0)
+        got = tools.retrieval_feature(vit, str(data / "jpg" / "db5.jpg"), 52, "cpu")
+    assert img.size == (52, 34) and torch.allclose(got, want, atol=1e-5)  # a 6 x 4 grid, remainders dropped
+
+
+def test_retrieval_ranks_by_the_protocols(tmp_path, monkeypatch, capsys):
+    """Features that rank [easy, hard, junk, negatives]: Hard AP 1 (easy is junk there), Medium 1."""
+    data = tmp_path / "rparis6k"
+    names = [f"db{i}" for i in range(5)]
+    for name in names + ["q"]:
+        _jpeg(data / "jpg" / f"{name}.jpg", 0)
+    with open(data / "gnd_rparis6k.pkl", "wb") as f:
+        import pickle
+        pickle.dump(dict(imlist=names, qimlist=["q"], gnd=[dict(bbx=[0, 0, 5, 5], easy=[3], hard=[1], junk=[4])]), f)
+    score = {"db3": 0.9, "db1": 0.8, "db4": 0.7, "db0": 0.2, "db2": 0.1, "q": 1.0}
+
+    def injected(backbone, path, *args):
+        s = score[os.path.basename(path)[:-4]]
+        return F.normalize(torch.tensor([s, (1 - s * s) ** 0.5]), dim=0)
+    monkeypatch.setattr(tools, "retrieval_feature", injected)
+    r = tools.image_retrieval(None, str(tmp_path), "rparis6k", 32, "cpu")
+    assert r["map_H"] == 100 and r["map_M"] == 100 and r["map_E"] == 100 and r["mp_M"] == [100, 100, 100]
+
+
+def test_downstream_mistakes_are_one_line_and_nothing_falls_back(tmp_path, capsys):
+    root = _copydays(tmp_path / "copydays", levels=False)
+    weights = ["--arch", "vit_tiny", "--patch_size", "8", "--depth", "1"]
+
+    def error(argv):
+        with pytest.raises(SystemExit) as e:
+            tools.main(argv + weights)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1, lines
+        return lines[0]
+    assert "does not exist; point --pretrained" in error(["--copydays", str(root), "--pretrained", str(tmp_path / "no.pth")])
+    assert "checkpoint.pth does not exist" in error(["--copydays", str(root), "--output_dir", str(tmp_path / "none")])
+    assert "--copydays" in error(["--copydays", str(tmp_path / "absent"), "--random_init"])
+    assert "no original/*.jpg" in error(["--copydays", str(tmp_path), "--random_init"])
+    _jpeg(root / "strong" / "209901.jpg", 7)  # a strong copy without its original
+    assert "209901.jpg has no original 2099" in error(["--copydays", str(root), "--random_init"])
+    os.remove(root / "strong" / "209901.jpg")
+    _jpeg(root / "jpegqual" / "3" / "200000.jpg", 7)  # a level with fewer copies than originals
+    assert "jpegqual/3 has 1 images, original/ 4" in error(["--copydays", str(root), "--random_init"])
+    os.remove(root / "jpegqual" / "3" / "200000.jpg")
+    (root / "strong" / "203001.jpg").write_bytes(b"not an image")
+    assert "cannot read 1 image(s), such as" in error(["--copydays", str(root), "--random_init"])
+    os.makedirs(tmp_path / "empty")
+    assert "no images in --distractors" in error(["--copydays", str(root), "--random_init", "--distractors",
+                                                  str(tmp_path / "empty")])
+    assert "gnd_roxford5k.pkl does not exist" in error(["--retrieval", str(tmp_path), "--random_init"])
+    os.makedirs(tmp_path / "roxford5k" / "jpg")
+    with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
+        import pickle
+        pickle.dump(dict(imlist=["a"], qimlist=["b"], gnd=[dict(bbx=[0, 0, 1, 1], easy=[0], hard=[], junk=[])]), f)
+    assert "2 images of" in error(["--retrieval", str(tmp_path), "--random_init"])
+
+
+def test_random_init_is_the_teacher_a_run_starts_from():
+    args = pw.resolve_args(TINY + ["--seed", "3"])
+    backbone, _ = tools.backbone_from_args(args, random_init=True)
+    _, teacher, _, _ = pw.build_models(args, torch.device("cpu"), 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), teacher.backbone.state_dict().values()))
+
+
+def test_make_copy_set_writes_copydays_layout_deterministically(tmp_path, capsys):
+    images = [_photo(48, 40, seed=i) for i in range(12)]
+    assert tools.make_copy_set(images, tmp_path / "a", seed=5, n_originals=4) == (4, 8, 8)
+    tools.make_copy_set(images, tmp_path / "b", seed=5, n_originals=4)
+    files = sorted(os.listdir(tmp_path / "a" / "copydays" / "strong"))
+    assert files == [f"{1000 + i}{c:02d}.jpg" for i in range(4) for c in (1, 2)]
+    for sub in ("copydays/original", "copydays/strong", "distractors"):
+        for name in os.listdir(tmp_path / "a" / sub):
+            assert (tmp_path / "a" / sub / name).read_bytes() == (tmp_path / "b" / sub / name).read_bytes()
+    # a copy is an altered crop of its original, not the original
+    orig = np.asarray(Image.open(tmp_path / "a" / "copydays" / "original" / "100000.jpg"), dtype=float)
+    copy = np.asarray(Image.open(tmp_path / "a" / "copydays" / "strong" / "100001.jpg"), dtype=float)
+    assert orig.shape == copy.shape and np.abs(orig - copy).mean() > 10
+    # the command: from --data's val images, evaluated by --copydays
+    n, copies, rest = tools.main(["--make_copy_set", str(tmp_path / "c")] + TINY)
+    assert (n, copies, rest) == (20, 40, 20)
+    r = tools.main(["--copydays", str(tmp_path / "c" / "copydays"), "--distractors", str(tmp_path / "c" / "distractors"),
+                    "--random_init"] + TINY)
+    assert r["original"] == 100 and 0 < r["strong"] <= 100
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ are found from the crop geometry alone, and the teacher's output for a patch bec
 the student's output for the matching patch. Read top to bottom: the recipe, then the method in
 the order it runs (model, augmentation, matching, loss, the training step), then data, evaluation,
 weights, the run, and the command line with main; each piece takes tensors and plain values, so it
-copies alone into another project. Pictures, export: patchwise_tools.py.
+copies alone into another project. Copy detection, retrieval, pictures, export: patchwise_tools.py.
 
     python patchwise.py                                   # CPU demo on a synthetic set, minutes
     torchrun --nproc_per_node=8 patchwise.py --data in1k --data_path /data/imagenet

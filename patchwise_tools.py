@@ -352,7 +352,8 @@ def image_retrieval(backbone, root, dataset, size, device, multiscale=False, que
     feats = torch.stack(feats)  # (n_db + n_q, D)
     sim = feats[:len(db_paths)] @ feats[len(db_paths):].T  # (n_db, n_q)
     ranks = torch.argsort(-sim, dim=0).numpy()
-    def ids(g, keys):
+
+    def ids(g, keys):  # a query's ids of those kinds
         return np.concatenate([np.asarray(g[k], dtype=np.int64) for k in keys])
     results = {}
     for name, ok, junk in (("E", ("easy",), ("junk", "hard")), ("M", ("easy", "hard"), ("junk",)),
@@ -368,23 +369,32 @@ def image_retrieval(backbone, root, dataset, size, device, multiscale=False, que
     return results
 
 
-def make_copy_set(images, out, seed=0, n_originals=157, copies=2, area=(1 / 3, 2 / 3),
+def make_copy_set(base, out, seed=0, n_originals=157, copies=2, area=(1 / 3, 2 / 3),
                   quality=(10, 30)):
-    """A copy-detection set in Copydays' layout from images (PIL): n_originals of them (at most
-    half) as originals/, `copies` strong copies of each in strong/, the rest as distractors/, all
-    drawn from seed. A strong copy: a crop of `area` (a third to two thirds; aspect 3/4 to 4/3)
-    resized back, colour jitter (brightness, contrast, saturation x 0.6-1.4, hue +-0.1), a blur of
-    sigma 1-2% of the shorter side, a JPEG re-encode at `quality` (10-30): Copydays' strong attacks
-    are crops, colour and print-scan changes, blur and compression together, each at its scale."""
+    """A copy-detection set in Copydays' layout from base, a dataset of (PIL image, label) read one
+    image at a time (an unreadable one is named and left out): n_originals images (at most half)
+    as originals/, `copies` strong copies of each in strong/, the rest as distractors/, all drawn
+    from seed. A strong copy: a crop of `area` (a third to two thirds; aspect 3/4 to 4/3) resized
+    back, colour jitter (brightness, contrast, saturation x 0.6-1.4, hue +-0.1), a blur of sigma
+    1-2% of the shorter side, a JPEG re-encode at `quality` (10-30): Copydays' strong attacks are
+    crops, colour and print-scan changes, blur and compression together, each at its scale.
+    Returns the counts of originals, copies and distractors."""
     from PIL import ImageFilter
     rng = np.random.default_rng(seed % 2 ** 64)
-    order = rng.permutation(len(images))
-    n = min(n_originals, len(images) // 2)
+    n = min(n_originals, len(base) // 2)
     for sub in ("copydays/original", "copydays/strong", "distractors"):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
-    for i, index in enumerate(order[:n]):
-        img, name = images[index].convert("RGB"), f"{1000 + i:04d}"
-        img.save(os.path.join(out, "copydays/original", f"{name}00.jpg"), quality=95)
+    written = 0  # originals, then distractors
+    for index in rng.permutation(len(base)):
+        sample = pw.read_sample(base, int(index))
+        if sample is None:
+            continue
+        img, i = sample[0].convert("RGB"), written
+        written += 1
+        if i >= n:
+            img.save(os.path.join(out, "distractors", f"{i - n:06d}.jpg"), quality=95)
+            continue
+        img.save(os.path.join(out, "copydays/original", f"{1000 + i:04d}00.jpg"), quality=95)
         for c in range(1, copies + 1):
             r = np.random.default_rng((seed % 2 ** 64, i, c))
             top, left, h, w = pw.sample_crop_box(r, img.height, img.width, area)
@@ -394,12 +404,9 @@ def make_copy_set(images, out, seed=0, n_originals=157, copies=2, area=(1 / 3, 2
                 copy = adjust(copy, r.uniform(0.6, 1.4))
             copy = TF.adjust_hue(copy, r.uniform(-0.1, 0.1))
             copy = copy.filter(ImageFilter.GaussianBlur(r.uniform(0.01, 0.02) * min(img.size)))
-            copy.save(os.path.join(out, "copydays/strong", f"{name}{c:02d}.jpg"),
+            copy.save(os.path.join(out, "copydays/strong", f"{1000 + i:04d}{c:02d}.jpg"),
                       quality=int(r.integers(quality[0], quality[1] + 1)))
-    for i, index in enumerate(order[n:]):
-        path = os.path.join(out, "distractors", f"{i:06d}.jpg")
-        images[index].convert("RGB").save(path, quality=95)
-    return n, n * copies, len(images) - n
+    return min(n, written), min(n, written) * copies, max(0, written - n)
 
 
 def backbone_from_args(args, random_init=False):
@@ -493,9 +500,7 @@ def main(argv=None):
         if tool.make_copy_set:
             val = pw.build_datasets(args.data, args.data_path, args.download,
                                     args.synthetic_size)[1]
-            images = [pw.read_sample(val, i) for i in range(len(val))]  # None: unreadable, named
-            images = [s[0] for s in images if s]
-            n, copies, rest = make_copy_set(images, tool.make_copy_set, args.seed)
+            n, copies, rest = make_copy_set(val, tool.make_copy_set, args.seed)
             print(f"wrote {n} originals, {copies} strong copies, {rest} distractors from the val "
                   f"images of --data {args.data} to {tool.make_copy_set}; evaluate with --copydays "
                   f"{os.path.join(tool.make_copy_set, 'copydays')} --distractors "

@@ -1694,7 +1694,7 @@ def test_random_init_is_the_teacher_a_run_starts_from():
 
 
 def test_make_copy_set_writes_copydays_layout_deterministically(tmp_path, capsys):
-    images = [_photo(48, 40, seed=i) for i in range(12)]
+    images = [(_photo(48, 40, seed=i), 0) for i in range(12)]  # (image, label), as a dataset
     assert tools.make_copy_set(images, tmp_path / "a", seed=5, n_originals=4) == (4, 8, 8)
     tools.make_copy_set(images, tmp_path / "b", seed=5, n_originals=4)
     files = sorted(os.listdir(tmp_path / "a" / "copydays" / "strong"))
@@ -1712,6 +1712,13 @@ def test_make_copy_set_writes_copydays_layout_deterministically(tmp_path, capsys
     r = tools.main(["--copydays", str(tmp_path / "c" / "copydays"), "--distractors", str(tmp_path / "c" / "distractors"),
                     "--random_init"] + TINY)
     assert r["original"] == 100 and 0 < r["strong"] <= 100
+    # an image folder's val/ of every mode, one file unreadable: named, left out, the rest written
+    _write_image_folder(tmp_path / "folder")
+    (tmp_path / "folder" / "val" / "dog" / "5.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert tools.main(["--make_copy_set", str(tmp_path / "d"), "--data", "folder", "--data_path",
+                       str(tmp_path / "folder")]) == (6, 12, 5)
+    assert "unreadable image" in capsys.readouterr().err and len(os.listdir(tmp_path / "d" / "distractors")) == 5
 
 
 # ------------------------------------------------------------------------------------------------

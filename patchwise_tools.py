@@ -268,23 +268,22 @@ def copy_detection(backbone, root, size, device, distractors=None, whitening=Non
     """Copydays, as DINO: the originals (then any distractors: never positives) are the database,
     every block present queries it; cosine top-k, the trapezoid AP of each query's one positive.
     Returns {block: mAP in %}."""
-    originals, blocks, skipped = copydays_blocks(root)
+    originals, blocks, skipped = copydays_blocks(root)  # every folder read before any feature
+    distractors = image_files(distractors, "--distractors") if distractors else []
+    whitening = image_files(whitening, "--whitening") if whitening else []
     if skipped:
         print(f"copy detection: {len(skipped)} Copydays blocks absent, skipped: "
               f"{', '.join(skipped)}")
     extract = lambda paths: copy_detection_features(backbone, paths, size, device,  # noqa: E731
                                                      features, num_workers)
-    db = [extract([os.path.join(root, "original", f) for f in originals])]
-    if distractors:
-        db.append(extract(image_files(distractors, "--distractors")))
-    db = torch.cat(db)
+    db = extract([os.path.join(root, "original", f) for f in originals] + distractors)
+    if whitening and db.shape[1] > 16384:  # its (F, F) matrices
+        raise pw.UserError(f"--whitening of {db.shape[1]} features is too large; lower --imsize")
     queries = {name: db[:len(originals)] if name == "original" else
                extract([os.path.join(root, name, f) for f in files])
                for name, (files, _) in blocks.items()}
-    if whitening and db.shape[1] > 16384:  # its (F, F) matrices
-        raise pw.UserError(f"--whitening of {db.shape[1]} features is too large; lower --imsize")
     if whitening:
-        mu, P = learn_whitening(extract(image_files(whitening, "--whitening")))
+        mu, P = learn_whitening(extract(whitening))
         db, queries = (db - mu) @ P.T, {n: (q - mu) @ P.T for n, q in queries.items()}
     db = F.normalize(db, dim=1)
     results = {}
@@ -481,7 +480,7 @@ def main(argv=None):
         pw.check_args(args)
         for flag in ("show_matching", "show_attention", "out", "export_backbone"):  # all files
             pw.check_path(f"--{flag}", getattr(tool, flag), folder=False)
-        for flag in ("copydays", "retrieval", "distractors", "whitening"):  # all folders
+        for flag in ("copydays", "retrieval"):  # (--distractors, --whitening: image_files)
             path = getattr(tool, flag)
             if path and not os.path.isdir(path):
                 raise pw.UserError(f"--{flag} {path} is not a folder")

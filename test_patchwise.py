@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -1616,7 +1617,6 @@ def test_copydays_and_retrieval_commands_run_end_to_end_with_a_real_backbone(tmp
         _jpeg(data / "jpg" / f"{name}.jpg", 600 + i, size=(45 + 7 * i, 37 + 3 * i))
     gnd = [dict(bbx=[3.0, 2.0, 30.5, 25.0], easy=[0], hard=[1, 2], junk=[3]),
            dict(bbx=[0.0, 0.0, 20.0, 20.0], easy=[], hard=np.array([4]), junk=[])]
-    import pickle
     with open(data / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump(dict(imlist=names, qimlist=["q0", "q1"], gnd=gnd), f)
     for extra in ([], ["--multiscale"], ["--query_crop"]):
@@ -1641,7 +1641,6 @@ def test_retrieval_ranks_by_the_protocols(tmp_path, monkeypatch, capsys):
     for name in names + ["q"]:
         _jpeg(data / "jpg" / f"{name}.jpg", 0)
     with open(data / "gnd_rparis6k.pkl", "wb") as f:
-        import pickle
         pickle.dump(dict(imlist=names, qimlist=["q"], gnd=[dict(bbx=[0, 0, 5, 5], easy=[3], hard=[1], junk=[4])]), f)
     score = {"db3": 0.9, "db1": 0.8, "db4": 0.7, "db0": 0.2, "db2": 0.1, "q": 1.0}
 
@@ -1681,7 +1680,6 @@ def test_downstream_mistakes_are_one_line_and_nothing_falls_back(tmp_path, capsy
     assert "gnd_roxford5k.pkl does not exist" in error(["--retrieval", str(tmp_path), "--random_init"])
     os.makedirs(tmp_path / "roxford5k" / "jpg")
     with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
-        import pickle
         pickle.dump(dict(imlist=["a"], qimlist=["b"], gnd=[dict(bbx=[0, 0, 1, 1], easy=[0], hard=[], junk=[])]), f)
     assert "2 images of" in error(["--retrieval", str(tmp_path), "--random_init"])
 
@@ -1780,7 +1778,6 @@ def test_imagenet_presets_train_and_evaluate_at_their_real_geometry(data, imagen
 
 def _cifar10_stand_in(root):
     """CIFAR-10's python layout (rows of 3 x 32 x 32 bytes) with 10 train and 10 test images."""
-    import pickle
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -19,11 +19,13 @@ announces itself before it runs and says how long it took. Sections:
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -63,7 +65,7 @@ def imagenet_size_jpeg():
     return buf.getvalue()
 
 
-def dino_reference_sample(data, global_size, local_size, n_local):
+def dino_reference_sample(path, global_size, local_size, n_local):
     """DINO's DataAugmentationDINO on PIL images, written out: crop, flip, colour jitter, grayscale,
     blur, solarization, to tensor, normalise, for every view."""
     import torchvision.transforms as T
@@ -74,7 +76,7 @@ def dino_reference_sample(data, global_size, local_size, n_local):
     def blur(img, p):
         return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0))) if np.random.rand() < p else img
 
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = Image.open(path).convert("RGB")
     g = T.RandomResizedCrop(global_size, scale=(0.4, 1.0), interpolation=T.InterpolationMode.BICUBIC)
     l = T.RandomResizedCrop(local_size, scale=(0.05, 0.4), interpolation=T.InterpolationMode.BICUBIC)
     views = [finish(blur(flip_jitter(g(img)), 1.0))]
@@ -85,22 +87,45 @@ def dino_reference_sample(data, global_size, local_size, n_local):
 
 
 def bench_workers(repeats, global_size=224, local_size=96, n_local=8, patch_size=16):
-    data = imagenet_size_jpeg()
+    """One data worker (one thread, as DataLoader's) on an ImageNet-size JPEG read from disk, in
+    seconds: patchwise's training sample, its parts (decode; the ten views alone), its evaluation
+    input, DINO's PIL pipeline; and the views' PSNR against PIL's bicubic on the same boxes."""
+    import torchvision.transforms.functional as TF
+    path = os.path.join(tempfile.mkdtemp(), "imagenet_size.jpg")
+    with open(path, "wb") as f:
+        f.write(imagenet_size_jpeg())
 
     class OneFile:
         def __len__(self):
             return 1
 
         def __getitem__(self, i):
-            return Image.open(io.BytesIO(data)).convert("RGB"), 0
+            return pw.load_image(path), 0
 
-    ours = pw.MultiViewDataset(OneFile(), 0, global_size, local_size, n_local, patch_size)
-    n = 20
+    ours, evaluation, img = pw.MultiViewDataset(OneFile(), 0, global_size, local_size, n_local, patch_size), \
+        pw.EvalDataset(OneFile(), global_size), pw.load_image(path)
+    rng, threads, n = np.random.default_rng(0), torch.get_num_threads(), 20
+    torch.set_num_threads(1)
     t = interleaved_medians({"ours": lambda: [ours[(e, 0)] for e in range(n)],
-                             "reference": lambda: [dino_reference_sample(data, global_size, local_size, n_local)
+                             "decode": lambda: [pw.load_image(path) for _ in range(n)],
+                             "views": lambda: [pw.spatial_views(img, rng, global_size, local_size, n_local)
+                                               for _ in range(n)],
+                             "eval": lambda: [evaluation[0] for _ in range(n)],
+                             "reference": lambda: [dino_reference_sample(path, global_size, local_size, n_local)
                                                    for _ in range(n)]}, repeats)
-    t_ours, t_ref = t["ours"] / n, t["reference"] / n
-    return {"ours_img_s": 1 / t_ours, "dino_reference_img_s": 1 / t_ref, "speedup": t_ref / t_ours}
+    torch.set_num_threads(threads)
+    pil, squared, count = Image.open(path).convert("RGB"), 0.0, 0
+    for seed in range(20):  # DINO's RandomResizedCrop on PIL: crop, then PIL's bicubic
+        glob, local, box, flip = pw.spatial_views(img, np.random.default_rng(seed), global_size, local_size, n_local)
+        for view, (top, left, h, w), f in zip([*glob, *local], box.int().tolist(), flip.tolist()):
+            ref = TF.pil_to_tensor(TF.resized_crop(pil, top, left, h, w, [view.shape[-1]] * 2,
+                                                   TF.InterpolationMode.BICUBIC))
+            squared += ((view.float() - (ref.flip(-1) if f else ref).float()) ** 2).sum().item()
+            count += view.numel()
+    return {"ours_img_s": n / t["ours"], "dino_reference_img_s": n / t["reference"],
+            "speedup": t["reference"] / t["ours"], "decode_ms": 1e3 * t["decode"] / n,
+            "views_ms": 1e3 * t["views"] / n, "sample_ms": 1e3 * t["ours"] / n, "eval_img_s": n / t["eval"],
+            "psnr_db": 10 * math.log10(255 ** 2 / (squared / count))}
 
 
 def step_flops(arch_dim, depth, patch, sizes_student, sizes_teacher, head, K, tokens, sim_pairs=()):
@@ -288,7 +313,17 @@ def main():
     w = bench_workers(args.repeats)
     report["workers"] = w
     print(f"   patchwise {w['ours_img_s']:.1f} img/s, DINO-style PIL pipeline {w['dino_reference_img_s']:.1f} "
-          f"img/s ({w['speedup']:.2f}x)")
+          f"img/s ({w['speedup']:.2f}x); a sample {w['sample_ms']:.2f} ms: decode {w['decode_ms']:.2f} ms, the "
+          f"views {w['views_ms']:.2f} ms (their floor), the rest {w['sample_ms'] - w['decode_ms'] - w['views_ms']:.2f} ms")
+    print(f"   views against PIL's bicubic on the same boxes: PSNR {w['psnr_db']:.1f} dB; evaluation input "
+          f"(resize to {round(224 / 0.875)}, centre crop 224): {w['eval_img_s']:.0f} img/s")
+    per_image = step_flops(384, 12, 16, [224] * 2 + [96] * 8, [224] * 2, (2048, 256), 8192,
+                           head_tokens([224] * 2 + [96] * 8, 16, True))
+    h100 = 0.3 * PEAK_BF16["H100"] / per_image
+    report["workers"]["h100_30pct_img_s"] = h100
+    print(f"   arithmetic, not a measurement: a ViT-S/16 PW-Self step (K 8192) at 30% of an H100's bf16 peak "
+          f"is {h100:.0f} img/s ({per_image / 1e9:.0f} GFLOPs an image), fed by {h100 / w['ours_img_s']:.1f} such "
+          f"workers")
     done()
 
     if device.type == "cuda":

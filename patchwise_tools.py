@@ -33,6 +33,11 @@ def grid_to_pixels(grid, patch_size):
     return grid.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1).numpy()
 
 
+def to_pil(x):
+    """uint8 (3, H, W), as pw.load_image reads it, as a PIL RGB image."""
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
 def pair_colour(i):
     """A distinct, saturated colour for the i-th item (golden-angle hue steps)."""
     hue = (i * 0.618033988749895) % 1.0  # the golden ratio spreads consecutive hues apart
@@ -40,13 +45,13 @@ def pair_colour(i):
 
 
 def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
-    """The method on one image: a teacher global and a student local view cut by the real
+    """The method on one image, uint8 (3, H, W): a teacher global and a student local view cut by the real
     augmentation, each matched pair outlined in the teacher patch's colour, unmatched student
     patches greyed; per-patch colours on top, per-view (DINO) below. Returns the pairs
     [(student patch, teacher patch)], and the views' box and flip."""
     seed %= 2 ** 64  # numpy wants seeds >= 0
     rng = np.random.default_rng(seed)
-    glob, local, box, flip = pw.spatial_views(image.convert("RGB"), rng, global_size, local_size, 1)
+    glob, local, box, flip = pw.spatial_views(image, rng, global_size, local_size, 1)
     index, valid = pw.match_patches(box[0:1], flip[0:1], global_size, box[2:3], flip[2:3],
                                  local_size, patch_size)
     pairs = [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]]
@@ -100,10 +105,10 @@ def last_selfattention(backbone, x):
 
 def show_attention(image, out_path, backbone, size=224, mass=0.6):
     """DINO's attention picture: for each head of the last block, the patches that hold `mass` of
-    the CLS token's attention, over the image. Returns the CLS attention rows (heads, 1 + N)."""
-    img = TF.resize(image.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
-    img = TF.center_crop(img, size)
-    x = pw.imagenet_normalize(TF.pil_to_tensor(img)[None].float() / 255)
+    the CLS token's attention, over the image uint8 (3, H, W). Returns the CLS attention rows
+    (heads, 1 + N)."""
+    img = TF.center_crop(TF.resize(image, size, TF.InterpolationMode.BICUBIC, antialias=True), size)
+    x = pw.imagenet_normalize(img[None].float() / 255)
     with torch.no_grad():
         # (heads, 1 + N): the CLS token's row
         attn = last_selfattention(backbone.eval(), x)[0, :, 0]
@@ -113,8 +118,8 @@ def show_attention(image, out_path, backbone, size=224, mass=0.6):
     keep_sorted = value.cumsum(1) - value < mass  # smallest set of patches holding `mass`
     # (heads, g, g)
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).view(-1, g, g)
-    panels = [img]
-    base = np.asarray(img).astype(np.float32)
+    panels = [to_pil(img)]
+    base = img.permute(1, 2, 0).numpy().astype(np.float32)
     for h in range(len(keep)):
         m = grid_to_pixels(keep[h], backbone.patch_size)[..., None]
         heat = grid_to_pixels(cls_to_patch[h].view(g, g), backbone.patch_size)[..., None]
@@ -187,8 +192,8 @@ class SquareImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            img = pw.load_image(self.paths[i])
-            return TF.pil_to_tensor(img.resize((self.size,) * 2, Image.Resampling.BICUBIC)), ""
+            img = pw.load_image(self.paths[i])[None]  # PIL's antialiased bicubic, in torch
+            return F.interpolate(img, (self.size,) * 2, mode="bicubic", antialias=True)[0], ""
         except pw.UNREADABLE as e:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{self.paths[i]} ({e})"
 
@@ -320,7 +325,7 @@ def retrieval_feature(backbone, path, size, device, multiscale=False, bbx=None):
     enlarged), the CLS token, the mean over scales 1, 1/sqrt 2, 1/2 if multiscale, L2-normalised
     (D,). bbx (x1, y1, x2, y2): revisitop's query crop, scaled by the whole image's factor."""
     try:
-        img = pw.load_image(path)
+        img = to_pil(pw.load_image(path))
     except pw.UNREADABLE as e:
         raise pw.UserError(f"cannot read the image {path} ({e})") from None
     if bbx is None:
@@ -388,7 +393,7 @@ def make_copy_set(base, out, seed=0, n_originals=157, copies=2, area=(1 / 3, 2 /
         sample = pw.read_sample(base, int(index))
         if sample is None:
             continue
-        img, i = sample[0].convert("RGB"), written
+        img, i = to_pil(sample[0]), written
         written += 1
         if i >= n:
             img.save(os.path.join(out, "distractors", f"{i - n:06d}.jpg"), quality=95)
@@ -424,13 +429,13 @@ def backbone_from_args(args, random_init=False):
 
 def evaluate(args):
     """patchwise's k-NN and linear probe of saved weights, on each rank under torchrun."""
-    rank, world, device, log, amp_dtype = pw.start_run(args)
+    rank, world, device, log, _ = pw.start_run(args)
     with pw.agreed_errors(device):  # what one node may lack: the weights, the data
         backbone, path = backbone_from_args(args)
         datasets = pw.build_datasets(args.data, args.data_path, args.download,
                                      args.synthetic_size)
     return pw.evaluate_teacher(args, backbone.to(device), datasets, world, device,
-                               f"teacher in {path}", True, amp_dtype, log)
+                               f"teacher in {path}", True, log)
 
 
 def main(argv=None):

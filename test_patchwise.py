@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import patchwise as pw
 import patchwise_tools as tools
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# torchvision 0.29 deprecates its decoders (for TorchCodec) with a warning each call; load_image falls back to PIL
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ def test_match_patches_agrees_with_coordinate_oracle():
     augmentation, and check every valid match against the pixels themselves."""
     H, W, p = 192, 256, 8
     yy, xx = np.mgrid[0:H, 0:W]
-    img = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8))
+    img = torch.from_numpy(np.stack([xx, yy, np.zeros_like(xx)]).astype(np.uint8))  # (3, H, W)
     checked = off_by_one = wrong = invalid_inside = 0
     for seed in range(12):
         rng = np.random.default_rng(seed)
@@ -354,8 +357,30 @@ def test_same_parameters_give_bit_identical_views_and_blur_matches_reference():
         assert torch.allclose(out[i:i + 1], ref, atol=1e-5)
 
 
+def test_a_view_is_pils_antialiased_bicubic_of_the_integer_box_its_law_draws():
+    import torchvision.transforms as T
+    # a photo: on noise, where bicubic overshoots, the two round their intermediate rows differently
+    photo = Image.open(os.path.join(HERE, "figures", "chelsea.png")).convert("RGB").resize((160, 120), Image.BICUBIC)
+    glob, local, box, flip = pw.spatial_views(TF.pil_to_tensor(photo), np.random.default_rng(3), 64, 32, 6)
+    for view, (top, left, h, w), f in zip(list(glob) + list(local), box.int().tolist(), flip):
+        size = view.shape[-1]  # globals shrink their box, locals enlarge theirs
+        # DINO's RandomResizedCrop on PIL: crop, then resize; to PIL's rounding
+        ref = TF.pil_to_tensor(TF.resized_crop(photo, top, left, h, w, [size, size], TF.InterpolationMode.BICUBIC))
+        assert (view.int() - (ref.flip(-1) if f else ref).int()).abs().max() <= 2
+    # the law of torchvision's RandomResizedCrop (DINO's): the same box distribution, the same fallback
+    rng, n = np.random.default_rng(0), 4000
+    torch.manual_seed(0)
+    for scale in ((0.05, 0.4), (0.4, 1.0)):
+        ours = np.array([pw.sample_crop_box(rng, 90, 120, scale) for _ in range(n)], dtype=float)
+        theirs = np.array([T.RandomResizedCrop.get_params(torch.zeros(3, 90, 120), scale, (3 / 4, 4 / 3))
+                           for _ in range(n)], dtype=float)
+        assert np.allclose(ours.mean(0), theirs.mean(0), rtol=0.05) and np.allclose(ours.std(0), theirs.std(0), rtol=0.1)
+    fallback = pw.sample_crop_box(rng, 10, 1000, (0.4, 1.0))  # no try fits a 10 px high strip
+    assert fallback == T.RandomResizedCrop.get_params(torch.zeros(3, 10, 1000), (0.4, 1.0), (3 / 4, 4 / 3)) == (0, 493, 10, 13)
+
+
 def test_spatial_views_are_a_pure_function_of_the_generator():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 50, 70), dtype=np.uint8))
     a = pw.spatial_views(img, np.random.default_rng((1, 2, 3)), 32, 16, 3)
     np.random.seed(5)  # the global generators play no part
     torch.manual_seed(5)
@@ -367,7 +392,8 @@ def test_spatial_views_are_a_pure_function_of_the_generator():
     assert glob.shape == (2, 3, 32, 32) and local.shape == (3, 3, 16, 16) and glob.dtype == torch.uint8
     assert box.shape == (5, 4) and flip.shape == (5,)
     top, left, h, w = box.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50 + 1e-4).all() and (left + w <= 70 + 1e-4).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 50).all() and (left + w <= 70).all()
+    assert torch.equal(box, box.round())  # integer boxes, as RandomResizedCrop's
     area = h * w / (50 * 70)
     assert (area[:2] >= 0.4 - 1e-4).all() and (area[2:] <= 0.4 + 1e-4).all()
 
@@ -560,14 +586,15 @@ def test_teacher_entropies_tell_a_healthy_teacher_from_both_collapses():
     uniform = torch.full((M, K), 1.0 / K)
     one_dim = F.one_hot(torch.zeros(M, dtype=torch.long), K).double()
     healthy = torch.softmax(torch.randn(M, K, dtype=torch.float64) * 6, dim=1)  # confident, each its own dim
-    assert torch.allclose(pw.entropies(uniform), torch.full((2,), math.log(K)))
-    assert torch.allclose(pw.entropies(one_dim), torch.zeros(2, dtype=torch.float64))
-    row, mean = pw.entropies(healthy)
+    assert torch.allclose(pw.entropies([uniform]), torch.full((2,), math.log(K)))
+    assert torch.allclose(pw.entropies([one_dim]), torch.zeros(2, dtype=torch.float64))
+    row, mean = pw.entropies([healthy])
+    assert torch.allclose(pw.entropies([healthy[:5], healthy[5:].view(3, 9, K)], chunk=4), torch.stack([row, mean]))
     # against the definitions, written out; rows in chunks of 3 give the same
     assert torch.isclose(row, -(healthy * healthy.log()).sum(1).mean())
     assert torch.isclose(mean, -(healthy.mean(0) * healthy.mean(0).log()).sum())
     assert row < 0.5 * math.log(K) < mean
-    assert pw.entropies(torch.zeros(0, K)).tolist() == [0.0, 0.0]  # no rows (plain DINO's patches)
+    assert pw.entropies([torch.zeros(4, 0, K)]).tolist() == [0.0, 0.0]  # no rows (plain DINO's patches)
 
 
 def test_collapse_warning_names_each_collapse_and_stays_silent_otherwise():
@@ -685,12 +712,11 @@ def test_knn_classify_matches_dinos_weighted_vote():
     train_y, test_y = torch.randint(0, C, (300,)), torch.randint(0, C, (50,))
     train_f = F.normalize(centres[train_y] + 0.6 * torch.randn(300, 16), dim=1)
     test_f = F.normalize(centres[test_y] + 0.6 * torch.randn(50, 16), dim=1)
-    for k in (1, 5, 20):
-        got = pw.knn_classify(train_f, train_y, test_f, test_y, k=k, T=0.07, num_classes=C)
-        ref = _knn_reference(train_f, train_y, test_f, test_y, k, 0.07, C)
-        assert got == pytest.approx(ref)
-    assert 40 < got[0] < 100 and got[1] >= got[0]  # informative features, not chance, not trivial
-    assert pw.knn_classify(centres[train_y], train_y, centres[test_y], test_y)[0] == 100.0
+    got = pw.knn_classify(train_f, train_y, test_f, test_y, ks=(1, 5, 20, 400), T=0.07, num_classes=C)
+    for k in (1, 5, 20, 400):  # one top-k for all ks; k beyond the 300 train images: all of them
+        assert got[k] == pytest.approx(_knn_reference(train_f, train_y, test_f, test_y, min(k, 300), 0.07, C))
+    assert 40 < got[20][0] < 100 and got[20][1] >= got[20][0]  # informative features, not chance, not trivial
+    assert pw.knn_classify(centres[train_y], train_y, centres[test_y], test_y)[20][0] == 100.0
 
 
 def _gaussian_classes(n, C, D, spread, seed, offset=3.0):
@@ -850,10 +876,10 @@ def test_image_folder_of_mixed_modes_and_small_images_trains(tmp_path):
     _write_image_folder(tmp_path / "data")
     train, val, n_classes = pw.build_datasets("folder", str(tmp_path / "data"))
     assert (len(train), len(val), n_classes) == (12, 12, 2)
-    assert all(train[i][0].mode == "RGB" for i in range(len(train)))
+    assert all(train[i][0].shape[0] == 3 and train[i][0].dtype == torch.uint8 for i in range(len(train)))
     # 16-bit images are scaled to 8 bits, not clipped to white
     sixteen = [i for i, (path, _) in enumerate(train.samples) if Image.open(path).mode.startswith("I")]
-    assert sixteen and all(np.asarray(train[i][0]).mean() < 200 for i in sixteen)
+    assert sixteen and all(train[i][0].float().mean() < 200 for i in sixteen)
     pw.main(FOLDER_RUN + ["--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out")])
     log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
     assert len(log) == 1 and math.isfinite(log[0]["train_loss"]) and "knn_top1_k3" in log[0]
@@ -892,6 +918,39 @@ def test_in100_takes_exactly_the_cmc_classes_from_an_imagenet_root_or_a_prepared
     shutil.rmtree(tmp_path / "in100" / "train" / "n02869837")
     with pytest.raises(pw.UserError, match=r"1 of the 100 ImageNet-100 \(CMC\) classes are missing .*n02869837"):
         pw.build_datasets("in100", str(tmp_path / "in100"))
+
+
+def test_every_image_format_reads_as_pil_reads_it_and_damaged_files_are_unreadable(tmp_path, monkeypatch):
+    a = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    a[:15] = 200  # flat and noisy parts
+    rgb, pil_open = Image.fromarray(a), Image.open
+    files = {"rgb.jpg": (rgb, {}), "grey.jpg": (rgb.convert("L"), {}), "cmyk.jpg": (rgb.convert("CMYK"), {}),
+             "progressive.jpg": (rgb, dict(progressive=True)), "palette.png": (rgb.convert("P"), {}),
+             "alpha.png": (rgb.convert("RGBA"), {}), "grey_alpha.png": (rgb.convert("LA"), {}),
+             "png_named.JPEG": (rgb, dict(format="PNG")), "still.gif": (rgb, {}), "lossless.webp": (rgb, dict(lossless=True)),
+             "bmp.bmp": (rgb, {}), "tiff.tif": (rgb, {}), "ppm.ppm": (rgb, {}), "pgm.pgm": (rgb.convert("L"), {}),
+             "animated.gif": (rgb, dict(save_all=True, append_images=[rgb.rotate(90)]))}
+    for name, (img, kw) in files.items():
+        img.save(tmp_path / name, **kw)
+        got = pw.load_image(tmp_path / name)
+        want = TF.pil_to_tensor(pil_open(tmp_path / name).convert("RGB"))  # the first frame of an animation
+        assert got.dtype == torch.uint8 and got.shape == want.shape == (3, 30, 40), name
+        assert (got.int() - want.int()).abs().max() <= (1 if name.endswith("jpg") else 0), name
+    sixteen = Image.fromarray((a[..., 0].astype(np.uint16) * 257)).convert("I;16")
+    sixteen.save(tmp_path / "16bit.png")
+    assert (pw.load_image(tmp_path / "16bit.png")[0].int() - torch.from_numpy(a[..., 0]).int()).abs().max() <= 1  # scaled
+    # JPEG and PNG, even under another name, skip PIL: torchvision's decoders read them into tensors
+    monkeypatch.setattr(pw.Image, "open", lambda *a, **k: pytest.fail("PIL opened a JPEG or PNG"))
+    for name in ("rgb.jpg", "cmyk.jpg", "progressive.jpg", "palette.png", "png_named.JPEG"):
+        pw.load_image(tmp_path / name)
+    monkeypatch.undo()
+    good = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[:len(good) // 2])
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "palette.png").read_bytes()[:200])
+    (tmp_path / "text.jpg").write_bytes(b"not an image at all")
+    for name in ("truncated.jpg", "truncated.png", "text.jpg"):
+        with pytest.raises(pw.UNREADABLE):
+            pw.load_image(tmp_path / name)
 
 
 def test_corrupt_images_are_reported_replaced_and_counted_until_too_many(tmp_path, capsys):
@@ -1362,7 +1421,7 @@ def test_data_workers_never_outnumber_the_cores_and_torch_does_not_warn(tmp_path
 def test_show_matching_draws_exactly_the_valid_matches(tmp_path):
     p, sg, sl = 8, 64, 32
     out = tmp_path / "m.png"
-    pairs, box, flip = tools.show_matching(_photo(), out, patch_size=p, global_size=sg, local_size=sl, seed=3)
+    pairs, box, flip = tools.show_matching(TF.pil_to_tensor(_photo()), out, patch_size=p, global_size=sg, local_size=sl, seed=3)
     index, valid = pw.match_patches(box[0:1], flip[0:1], sg, box[2:3], flip[2:3], sl, p)  # re-derived
     assert pairs == [(n, int(index[0, n])) for n in range(index.shape[1]) if valid[0, n]] and pairs
     img = np.asarray(Image.open(out))
@@ -1394,11 +1453,10 @@ def test_pictures_of_a_photo_take_the_imagenet_geometry_unless_told_otherwise(tm
 
 def test_show_attention_draws_a_distribution_per_head(tmp_path):
     backbone = pw.vit("vit_tiny", patch_size=8, depth=2, img_size=32)
-    attn = tools.show_attention(_photo(), tmp_path / "a.png", backbone, size=32)
-    import torchvision.transforms.functional as TF
-    img = TF.center_crop(TF.resize(_photo(), 32, interpolation=TF.InterpolationMode.BICUBIC), 32)
+    attn = tools.show_attention(TF.pil_to_tensor(_photo()), tmp_path / "a.png", backbone, size=32)
+    img = TF.center_crop(TF.resize(TF.pil_to_tensor(_photo()), 32, TF.InterpolationMode.BICUBIC, antialias=True), 32)
     with torch.no_grad():  # the CLS row of the last block's attention over the centre crop
-        ref = tools.last_selfattention(backbone, pw.imagenet_normalize(TF.pil_to_tensor(img)[None].float() / 255))[0, :, 0]
+        ref = tools.last_selfattention(backbone, pw.imagenet_normalize(img[None].float() / 255))[0, :, 0]
     assert attn.shape == (3, 1 + 16) and torch.allclose(attn, ref, atol=1e-6)
     assert Image.open(tmp_path / "a.png").size == (4 * (224 + 4) - 4, 224)  # the image and a panel per head, x7
 
@@ -1476,6 +1534,90 @@ def _tiny_models(K, depth, hidden, bottleneck):
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher, pw.PWSelfLoss(K), torch.optim.AdamW(pw.param_groups(student))
+
+
+class _HostWaits(TorchDispatchMode):
+    """Records, by patchwise.py's line, every op where the host would wait for a CUDA device: a value
+    read back, a copy to the host, a copy from the host without non_blocking."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:  # recorded, and 0 lets the step go on
+            self.seen.append((str(func), self.where()))
+            return 0
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):  # (src, dst) on CUDA?
+            src, dst = (args[0], kwargs.get("device") or args[0].device) if func is torch.ops.aten._to_copy.default \
+                else (args[1], args[0].device)
+            non_blocking = kwargs.get("non_blocking") or args[2:3] == (True,)
+            src, dst = src.device.type == "cuda", torch.device(dst).type == "cuda"
+            if src and not dst or dst and not src and not non_blocking:
+                self.seen.append((str(func), self.where()))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def where():
+        import traceback
+        return [f"{f.lineno}: {f.line}" for f in traceback.extract_stack()
+                if os.path.basename(f.filename) == "patchwise.py"][-1:]
+
+
+def test_a_training_step_never_makes_the_host_wait_for_the_device(monkeypatch):
+    """train_step on CUDA tensors simulated by FakeTensorMode, every op seen by torch's dispatch.
+    Autograd's engine wants a real CUDA context, so backward gives every parameter a gradient
+    instead: it runs only ops derived from the forward's, none of patchwise's own lines."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    (batch,) = _synthetic_batches(1)
+    warnings.simplefilter("ignore")  # autocast off without a real GPU: the same ops in float32
+    with FakeTensorMode(allow_non_fake_inputs=True), _HostWaits() as waits:  # the detector sees all three
+        x = torch.zeros(4, 3, device="cuda")
+        x[:, [0, 2]].sum().item()
+        torch.tensor([1.0]).to("cuda")
+    assert [f for f, _ in waits.seen] == ["aten._to_copy.default", "aten._local_scalar_dense.default",
+                                          "aten._to_copy.default"]
+    for weight, matching in ((1.0, "coords"), (1.0, "intersection"), (1.0, "similarity"), (0.0, "coords")):
+        student, teacher, loss_fn, _ = _tiny_models(64, 1, 32, 16)  # built outside: drop path's rates
+        loss_fn.patch_loss_weight = weight
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            student, teacher, loss_fn = student.to("cuda"), teacher.to("cuda"), loss_fn.to("cuda")
+            opt = torch.optim.AdamW(pw.param_groups(student), fused=True)
+            monkeypatch.setattr(torch.Tensor, "backward", lambda loss: [
+                setattr(p, "grad", torch.ones_like(p)) for p in student.parameters() if p.requires_grad])
+            with _HostWaits() as waits:
+                for measure_entropy in (True, False):  # a logged step, then another
+                    out = pw.train_step(student, teacher, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04,
+                                        momentum=0.99, patch_size=8, matching=matching, amp_dtype=torch.bfloat16,
+                                        measure_entropy=measure_entropy)
+            assert out.device.type == "cuda" and out.shape == (7,)
+        assert waits.seen == [], (weight, matching, waits.seen)
+        monkeypatch.undo()
+
+
+def test_entropies_are_measured_only_when_asked_and_change_nothing_else():
+    (batch,) = _synthetic_batches(1)
+    outs = []
+    for measure_entropy in (True, False):
+        student, teacher, loss_fn, opt = _tiny_models(64, 1, 32, 16)
+        outs.append(pw.train_step(student, teacher, loss_fn, opt, batch, epoch=0, lr=1e-3, wd=0.04, momentum=0.99,
+                                  patch_size=8, measure_entropy=measure_entropy))
+        outs.append(torch.cat([p.flatten() for p in teacher.parameters()]))
+    assert torch.equal(outs[0][:3], outs[2][:3]) and torch.equal(outs[1], outs[3])
+    assert (outs[0][3:] > 0).all() and (outs[2][3:] == 0).all()
+
+
+def test_the_clip_caps_each_parameters_gradient_norm_on_its_own():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((3, 4), (5,), (2, 2, 2), (7,))]
+    for p, size in zip(params, (10.0, 0.1, 3.0, 0.0)):
+        p.grad = torch.randn_like(p) * size
+    before = [p.grad.clone() for p in params]
+    pw.clip_gradients(params, 1.0)
+    for p, g in zip(params, before):  # DINO's clip_gradients, written out
+        assert torch.allclose(p.grad, g * min(1.0, 1.0 / (g.norm().item() + 1e-6)))
+    assert torch.equal(params[1].grad, before[1]) and params[0].grad.norm() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_compiled_step_gives_the_eager_losses():
@@ -1602,8 +1744,10 @@ def test_copydays_and_retrieval_commands_run_end_to_end_with_a_real_backbone(tmp
     for features in ("cls", "pixels"):
         assert 0 <= tools.main(["--copydays", str(root), "--features", features] + weights)["strong"] <= 100
     # the features: [CLS, GeM of the final-norm patch tokens], DINO's, from the square resize
-    x = pw.imagenet_normalize(TF.pil_to_tensor(Image.open(root / "strong" / "200001.jpg").convert("RGB").resize(
-        (40, 40), Image.Resampling.BICUBIC))[None].float() / 255)
+    pil = TF.pil_to_tensor(Image.open(root / "strong" / "200001.jpg").convert("RGB").resize((40, 40), Image.BICUBIC))
+    x = F.interpolate(pw.load_image(root / "strong" / "200001.jpg")[None], (40, 40), mode="bicubic", antialias=True)
+    assert (x[0].int() - pil.int()).abs().max() <= 2  # PIL's bicubic, as DINO resizes, to its rounding
+    x = pw.imagenet_normalize(x.float() / 255)
     with torch.no_grad():
         tokens = vit.eval()(x)
         gem = F.avg_pool2d(tokens[:, 1:].reshape(1, 5, 5, -1).permute(0, 3, 1, 2).clamp(min=1e-6).pow(4), 5).pow(0.25)
@@ -1692,7 +1836,7 @@ def test_random_init_is_the_teacher_a_run_starts_from():
 
 
 def test_make_copy_set_writes_copydays_layout_deterministically(tmp_path, capsys):
-    images = [(_photo(48, 40, seed=i), 0) for i in range(12)]  # (image, label), as a dataset
+    images = [(TF.pil_to_tensor(_photo(48, 40, seed=i)), 0) for i in range(12)]  # (image, label), as a dataset
     assert tools.make_copy_set(images, tmp_path / "a", seed=5, n_originals=4) == (4, 8, 8)
     tools.make_copy_set(images, tmp_path / "b", seed=5, n_originals=4)
     files = sorted(os.listdir(tmp_path / "a" / "copydays" / "strong"))
@@ -2070,10 +2214,14 @@ def test_val_labels_are_train_labels_whatever_class_folders_val_holds(tmp_path):
 
 
 def test_small_images_are_evaluated_whole_and_large_ones_as_dinos_centre_crop():
-    small, large = _photo(32, 32, 1), _photo(300, 200, 2)
-    assert torch.equal(pw.EvalDataset([(small, 0)], 32)[0][0], TF.pil_to_tensor(small))  # CIFAR-10's 32 px
-    dino = TF.center_crop(TF.resize(large, 256, interpolation=TF.InterpolationMode.BICUBIC), 224)
-    assert torch.equal(pw.EvalDataset([(large, 0)], 224)[0][0], TF.pil_to_tensor(dino))
+    small = TF.pil_to_tensor(_photo(32, 32, 1))
+    assert torch.equal(pw.EvalDataset([(small, 0)], 32)[0][0], small)  # CIFAR-10's 32 px
+    chelsea = Image.open(os.path.join(HERE, "figures", "chelsea.png")).convert("RGB")  # a photo: see the views' test
+    for w, h in ((300, 200), (200, 301), (517, 375)):  # DINO's transforms on PIL, to PIL's bicubic's rounding
+        large = chelsea.resize((w, h), Image.BICUBIC)
+        dino = TF.pil_to_tensor(TF.center_crop(TF.resize(large, 256, interpolation=TF.InterpolationMode.BICUBIC), 224))
+        got = pw.EvalDataset([(TF.pil_to_tensor(large), 0)], 224)[0][0]
+        assert got.shape == (3, 224, 224) and (got.int() - dino.int()).abs().max() <= 2
 
 
 def test_workers_are_divided_among_ranks_only_when_the_ranks_share_their_cores(monkeypatch):

@@ -7,8 +7,11 @@
 Prints a table and writes it as JSON (--out). Every time is a median over --repeats runs after
 warm-up, the compared variants timed in turn; more repeats give steadier medians. Each section
 announces itself before it runs and says how long it took. Sections:
-  1. data workers: images/s of one process producing one training sample from an ImageNet-size
-     JPEG, against a DINO-style PIL pipeline (colour work included) on the same file;
+  1. data workers: samples/s of one worker process (one thread) making training samples from an
+     ImageNet-size JPEG on disk, against a DINO-style PIL pipeline (colour work included) on the
+     same file; its decode and resampling apart (the floor), the views' PSNR against PIL's bicubic,
+     the evaluation input's images/s, and the workers a GPU needs: on a GPU from the measured step
+     (section 2), on a CPU from the FLOPs at 30% of an H100's bf16 peak (arithmetic, so labelled);
   2. training step (teacher + student forward, loss, backward, AdamW, EMA) on a batch already on
      the device, for DINO, PW-Self with coordinate matching and PW-Self with similarity matching:
      time, images/s, peak memory, MFU, and the ratios to DINO beside the analytic FLOP ratio;
@@ -313,8 +316,8 @@ def main():
     w = bench_workers(args.repeats)
     report["workers"] = w
     print(f"   patchwise {w['ours_img_s']:.1f} img/s, DINO-style PIL pipeline {w['dino_reference_img_s']:.1f} "
-          f"img/s ({w['speedup']:.2f}x); a sample {w['sample_ms']:.2f} ms: decode {w['decode_ms']:.2f} ms, the "
-          f"views {w['views_ms']:.2f} ms (their floor), the rest {w['sample_ms'] - w['decode_ms'] - w['views_ms']:.2f} ms")
+          f"img/s ({w['speedup']:.2f}x); a sample {w['sample_ms']:.2f} ms, of which, timed alone, the decode "
+          f"{w['decode_ms']:.2f} ms and the ten views {w['views_ms']:.2f} ms")
     print(f"   views against PIL's bicubic on the same boxes: PSNR {w['psnr_db']:.1f} dB; evaluation input "
           f"(resize to {round(224 / 0.875)}, centre crop 224): {w['eval_img_s']:.0f} img/s")
     per_image = step_flops(384, 12, 16, [224] * 2 + [96] * 8, [224] * 2, (2048, 256), 8192,

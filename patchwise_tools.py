@@ -375,10 +375,10 @@ def image_retrieval(backbone, root, dataset, size, device, multiscale=False, que
 
 def make_copy_set(base, out, seed=0, n_originals=157, copies=2, area=(1 / 3, 2 / 3),
                   quality=(10, 30)):
-    """A copy-detection set in Copydays' layout from base, a dataset of (PIL image, label) read one
-    image at a time (an unreadable one is named and left out): n_originals images (at most half)
-    as originals/, `copies` strong copies of each in strong/, the rest as distractors/, all drawn
-    from seed. A strong copy: a crop of `area` (a third to two thirds; aspect 3/4 to 4/3) resized
+    """A copy-detection set in Copydays' layout from base, a dataset of (uint8 (3, H, W), label)
+    read one image at a time (an unreadable one named and left out): n_originals images (at most
+    half) as originals/, `copies` strong copies of each in strong/, the rest as distractors/, from
+    seed. A strong copy: a crop of `area` (a third to two thirds; aspect 3/4 to 4/3) resized
     back, colour jitter (brightness, contrast, saturation x 0.6-1.4, hue +-0.1), a blur of sigma
     1-2% of the shorter side, a JPEG re-encode at `quality` (10-30): Copydays' strong attacks are
     crops, colour and print-scan changes, blur and compression together, each at its scale.

@@ -1570,9 +1570,10 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(monkeypatch):
     Autograd's engine wants a real CUDA context, so backward gives every parameter a gradient
     instead: it runs only ops derived from the forward's, none of patchwise's own lines."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    layer = torch.nn.Linear(1, 1)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            torch.nn.Linear(1, 1).to("cuda")
+            layer.to("cuda")
     except RuntimeError:  # torch 2.4 initialises CUDA to move a module, and needs a driver for it
         pytest.skip("this torch cannot simulate CUDA tensors without a CUDA driver")
     (batch,) = _synthetic_batches(1)

@@ -490,7 +490,7 @@ def main(argv=None):
             if path and not os.path.isdir(path):
                 raise pw.UserError(f"--{flag} {path} is not a folder")
         if tool.copydays or tool.retrieval:
-            backbone, path = backbone_from_args(args, tool.random_init)
+            backbone, path = backbone_from_args(args, tool.random_init or tool.features == "pixels")
             backbone = backbone.to(args.device).eval()
             size = tool.imsize or args.global_size
             print(f"{'copy detection' if tool.copydays else 'image retrieval'} with {path}: "

@@ -1749,6 +1749,7 @@ def test_copydays_and_retrieval_commands_run_end_to_end_with_a_real_backbone(tmp
     assert "eval on strong mAP=" in out and "16 Copydays blocks absent, skipped: jpegqual/3" in out
     for features in ("cls", "pixels"):
         assert 0 <= tools.main(["--copydays", str(root), "--features", features] + weights)["strong"] <= 100
+    assert tools.main(["--copydays", str(root), "--features", "pixels"])["strong"] >= 0  # pixels need no weights
     # the features: [CLS, GeM of the final-norm patch tokens], DINO's, from the square resize
     pil = TF.pil_to_tensor(Image.open(root / "strong" / "200001.jpg").convert("RGB").resize((40, 40), Image.BICUBIC))
     x = F.interpolate(pw.load_image(root / "strong" / "200001.jpg")[None], (40, 40), mode="bicubic", antialias=True)

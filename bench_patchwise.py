@@ -125,6 +125,8 @@ def bench_workers(repeats, global_size=224, local_size=96, n_local=8, patch_size
                                                    TF.InterpolationMode.BICUBIC))
             squared += ((view.float() - (ref.flip(-1) if f else ref).float()) ** 2).sum().item()
             count += view.numel()
+    os.remove(path)
+    os.rmdir(os.path.dirname(path))
     return {"ours_img_s": n / t["ours"], "dino_reference_img_s": n / t["reference"],
             "speedup": t["reference"] / t["ours"], "decode_ms": 1e3 * t["decode"] / n,
             "views_ms": 1e3 * t["views"] / n, "sample_ms": 1e3 * t["ours"] / n, "eval_img_s": n / t["eval"],

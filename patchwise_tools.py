@@ -45,9 +45,9 @@ def pair_colour(i):
 
 
 def show_matching(image, out_path, patch_size=16, global_size=224, local_size=96, seed=0):
-    """The method on one image, uint8 (3, H, W): a teacher global and a student local view cut by the real
-    augmentation, each matched pair outlined in the teacher patch's colour, unmatched student
-    patches greyed; per-patch colours on top, per-view (DINO) below. Returns the pairs
+    """The method on one image, uint8 (3, H, W): a teacher global and a student local view cut by
+    the real augmentation, each matched pair outlined in the teacher patch's colour, unmatched
+    student patches greyed; per-patch colours on top, per-view (DINO) below. Returns the pairs
     [(student patch, teacher patch)], and the views' box and flip."""
     seed %= 2 ** 64  # numpy wants seeds >= 0
     rng = np.random.default_rng(seed)
